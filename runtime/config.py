@@ -1,0 +1,52 @@
+"""The one configuration object of the runtime, built by the Engine (and later the CLI) and passed down."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class EngineArgs:
+    model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    tokenizer_path: str | None = None  # None: same as model_path
+    dtype: str = "bfloat16"  # bf16 is faster than fp32 on our CPUs; tests use float32
+    device: str = "cpu"
+    context_length: int | None = None  # None: the model's max_position_embeddings
+    # KV pool: a token count, or else a size in GiB.
+    max_total_tokens: int | None = None
+    kv_cache_gb: float = 1.0
+    max_running_requests: int = 256
+    max_prefill_tokens: int = 8192  # token budget of the prefill part of one step
+    attention_backend: str = "torch"
+    random_seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend != "torch":
+            raise ValueError(f"attention_backend: only 'torch' is available, got {self.attention_backend!r}")
+        for name in ("max_running_requests", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
+        if self.kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @classmethod
+    def from_kwargs(cls, model_path=None, **kwargs) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
+        return cls(model_path=model_path, **kwargs)

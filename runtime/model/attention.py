@@ -1,0 +1,59 @@
+"""Attention backends over the paged KV pool. `torch` is the portable (CPU) one.
+
+Interface: `forward(q, k, v, layer, batch)` with q [T, H, D], k/v [T, Hkv, D]; it writes k/v to
+the pool at `batch.out_slots` and returns [T, H * D].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from arborlm.runtime.cache.memory_pool import TokenToKVPool
+from arborlm.runtime.model.forward_batch import ForwardBatch
+
+
+class TorchAttentionBackend:
+    def __init__(self, kv_pool: TokenToKVPool, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.pool = kv_pool
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.group = num_heads // num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+
+    def forward(self, q, k, v, layer: int, batch: ForwardBatch) -> torch.Tensor:
+        self.pool.write(layer, batch.out_slots, k, v)
+        out = torch.empty_like(q)
+        n_ext = len(batch.extend_lens)
+        for i in range(n_ext):
+            s, n, p = batch.extend_starts[i], batch.extend_lens[i], batch.extend_prefix_lens[i]
+            out[s : s + n] = self._extend(q[s : s + n], k[s : s + n], v[s : s + n], p, batch.extend_slots[i], layer)
+        if batch.num_decode:
+            t0 = q.shape[0] - batch.num_decode
+            out[t0:] = self._decode(q[t0:], layer, batch)
+        return out.view(q.shape[0], -1)
+
+    def _extend(self, q, k, v, prefix_len, slots, layer):
+        # q [n, H, D] -> [1, H, n, D]; with no cached prefix the step's own k/v are the whole context.
+        qh = q.transpose(0, 1).unsqueeze(0)
+        if prefix_len == 0:
+            kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            kh = self.pool.k_buffer[layer][slots].transpose(0, 1).unsqueeze(0)
+            vh = self.pool.v_buffer[layer][slots].transpose(0, 1).unsqueeze(0)
+            n, total = q.shape[0], slots.numel()
+            # Query i sits at position prefix_len + i and sees keys 0..prefix_len + i.
+            mask = torch.ones(n, total, dtype=torch.bool).tril(diagonal=prefix_len)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return o.squeeze(0).transpose(0, 1)
+
+    def _decode(self, q, layer, batch):
+        # GQA trick: the G query heads sharing a KV head become G query rows of that head.
+        b = q.shape[0]
+        qh = q.view(b, self.num_kv_heads, self.group, self.head_dim)
+        kh = self.pool.k_buffer[layer][batch.decode_slots].permute(0, 2, 1, 3)
+        vh = self.pool.v_buffer[layer][batch.decode_slots].permute(0, 2, 1, 3)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=batch.decode_mask, scale=self.scale)
+        return o.reshape(b, self.num_heads, self.head_dim)

@@ -1,0 +1,100 @@
+"""Sampling parameters: SGLang's names and defaults, validated once when a request arrives."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from arborlm.runtime.errors import BadRequestError, UnsupportedError
+
+_LATER = {"regex", "json_schema", "ebnf"}  # structured generation: not in this runtime yet
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: whole vocabulary
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    n: int = 1
+    seed: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SamplingParams":
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        later = sorted(set(d) & _LATER)
+        if later:
+            raise UnsupportedError(f"sampling_params.{later[0]}: structured generation is not supported yet")
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise BadRequestError(f"sampling_params.{unknown[0]}: unknown sampling parameter")
+        d = {k: v for k, v in d.items() if v is not None}  # null means "default", as in SGLang
+        if isinstance(d.get("stop"), str):
+            d["stop"] = [d["stop"]] if d["stop"] else []
+        p = cls(**d)
+        p.validate()
+        return p
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise BadRequestError(f"sampling_params.{name}: {why}, got {getattr(self, name)!r}")
+
+        def check_type(name, types):
+            v = getattr(self, name)
+            if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+                bad(name, f"must be {' or '.join(t.__name__ for t in types)}")
+
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "n"):
+            check_type(name, (int,))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            check_type(name, (int, float))
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
+            check_type(name, (bool,))
+        if self.max_new_tokens < 0:
+            bad("max_new_tokens", "must be >= 0")
+        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            bad("min_new_tokens", "must be in [0, max_new_tokens]")
+        if self.temperature < 0:
+            bad("temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.top_k == 0 or self.top_k < -1:
+            bad("top_k", "must be -1 (disabled) or >= 1")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be > 0")
+        if not -2 <= self.frequency_penalty <= 2:
+            bad("frequency_penalty", "must be in [-2, 2]")
+        if not -2 <= self.presence_penalty <= 2:
+            bad("presence_penalty", "must be in [-2, 2]")
+        if self.n < 1:
+            bad("n", "must be >= 1")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be a non-empty string or a list of them")
+        if not isinstance(self.stop_token_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
+            bad("stop_token_ids", "must be a list of token ids")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad("seed", "must be an integer")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def needs_penalty(self) -> bool:
+        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
