@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from arborlm.runtime.errors import ModelLoadError
 from arborlm.runtime.model.forward_batch import ForwardBatch
+from arborlm.runtime.model.linear import Linear
 
 
 def rope_cos_sin(config, max_positions: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,31 +51,31 @@ class LlamaModel:
         self.cos, self.sin = rope_cos_sin(config, max_positions, dtype)
 
     def _load(self, w: dict[str, torch.Tensor]) -> None:
-        def take(name):
+        def take(name, cast=True):
             if name not in w:
                 raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
-            return w[name].to(self.dtype).contiguous()
+            return w[name].to(self.dtype).contiguous() if cast else w[name]
+
+        def linear(*names, bias=False):
+            weight = torch.cat([take(n + ".weight", cast=False) for n in names])
+            b = torch.cat([take(n + ".bias", cast=False) for n in names]) if bias else None
+            return Linear(weight, b, self.dtype)
 
         self.embed = take("model.embed_tokens.weight")
         tied = getattr(self.config, "tie_word_embeddings", False) or "lm_head.weight" not in w
-        self.lm_head = self.embed if tied else take("lm_head.weight")
+        self.lm_head = linear("model.embed_tokens" if tied else "lm_head")
         self.final_norm = take("model.norm.weight")
         self.layers = []
         for i in range(self.num_layers):
             p = f"model.layers.{i}."
-            qkv = [take(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
-            bias = None
-            if p + "self_attn.q_proj.bias" in w:  # Qwen2
-                bias = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
             self.layers.append(
                 dict(
                     in_norm=take(p + "input_layernorm.weight"),
-                    qkv=torch.cat(qkv, 0).contiguous(),
-                    qkv_bias=bias,
-                    o=take(p + "self_attn.o_proj.weight"),
+                    qkv=linear(*(p + f"self_attn.{x}_proj" for x in "qkv"), bias=p + "self_attn.q_proj.bias" in w),
+                    o=linear(p + "self_attn.o_proj"),
                     post_norm=take(p + "post_attention_layernorm.weight"),
-                    gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], 0).contiguous(),
-                    down=take(p + "mlp.down_proj.weight"),
+                    gate_up=linear(p + "mlp.gate_proj", p + "mlp.up_proj"),
+                    down=linear(p + "mlp.down_proj"),
                 )
             )
 
@@ -98,15 +99,15 @@ class LlamaModel:
         x = F.embedding(batch.input_ids, self.embed)
         for i, L in enumerate(self.layers):
             h = self._norm(x, L["in_norm"])
-            qkv = F.linear(h, L["qkv"], L["qkv_bias"])
+            qkv = L["qkv"](h)
             qk = self._rope(qkv[:, : (H + Hkv) * D].view(T, H + Hkv, D), cos, sin)
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, (H + Hkv) * D :].view(T, Hkv, D)
             o = attn.forward(q, k, v, i, batch)
-            x = x + F.linear(o, L["o"])
+            x = x + L["o"](o)
             h = self._norm(x, L["post_norm"])
-            gu = F.linear(h, L["gate_up"])
-            x = x + F.linear(F.silu(gu[:, : self.inter]) * gu[:, self.inter :], L["down"])
+            gu = L["gate_up"](h)
+            x = x + L["down"](F.silu(gu[:, : self.inter]) * gu[:, self.inter :])
         x = x[batch.logit_idx]
         x = self._norm(x, self.final_norm)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()

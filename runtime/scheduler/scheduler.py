@@ -132,12 +132,14 @@ class Scheduler:
         for i, req in enumerate(batch.reqs):
             if req.finished:  # aborted while the step ran
                 continue
-            tok = next_ids[i]
-            if tok is None:
-                if req.params.max_new_tokens == 0 and req.pending_len == 0:
+            if req.params.max_new_tokens == 0:  # prefill-only: done once the prompt is in the pool
+                if req.pending_len == 0:
                     req.finish({"type": "length", "length": 0})
                     self._release(req)
                     outs.append(StepOutput(req, [], True))
+                continue
+            tok = next_ids[i]
+            if tok is None:
                 continue
             outs.append(self._append_token(req, tok, logprobs, top_logprobs, i))
         return outs

@@ -1,0 +1,91 @@
+"""Shared fixtures: one real-model engine per session, and a tiny random-weight Llama for unit tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from arborlm.runtime.model import loader
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> str:
+    """The embedded SmolLM2-135M-Instruct as an HF directory (converted from GGUF once)."""
+    return loader.resolve_model(None).model_dir
+
+
+@pytest.fixture(scope="session")
+def tokenizer(real_model_dir):
+    return loader.load_tokenizer(real_model_dir)
+
+
+def save_tiny_model(path: str, tokenizer_dir: str, arch: str = "llama", seed: int = 0, **overrides) -> str:
+    """A random-weight model with the real tokenizer (so text round-trips), small enough to be fast."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    cfg_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    kwargs = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg_cls(**kwargs), dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init, so logits are not all near-ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    model.save_pretrained(path)
+    for f in os.listdir(tokenizer_dir):
+        if f.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(os.path.join(tokenizer_dir, f), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, real_model_dir) -> str:
+    return save_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")), real_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir):
+    from arborlm.runtime import Engine
+
+    engine = Engine(tiny_model_dir, dtype="float32", max_total_tokens=4096, max_running_requests=32)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def engine(real_model_dir):
+    """The real model in float32 (the precision the transformers reference comparisons need)."""
+    from arborlm.runtime import Engine
+
+    engine = Engine(dtype="float32", max_total_tokens=16384, max_running_requests=64)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def hf_model(real_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
+
+
+def assert_pool_clean(engine) -> None:
+    """Every KV slot and request row is free once all requests have ended."""
+    import time
+
+    deadline = time.time() + 5
+    while engine.scheduler.has_work() and time.time() < deadline:
+        time.sleep(0.01)
+    pool = engine.runner.kv_pool
+    assert pool.available() == pool.size
+    assert int(pool.allocator.is_free.sum()) == pool.size
+    assert engine.runner.req_pool.available() == engine.runner.req_pool.max_requests
+    assert engine.scheduler.reserved == 0
