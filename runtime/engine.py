@@ -302,7 +302,12 @@ class Engine:
     def _emit(self, req: Req, finished: bool, error: BaseException | None) -> None:
         sink = self._sinks.pop(req.rid, None) if finished else self._sinks.get(req.rid)
         if sink is not None:
-            sink(req, finished, error)
+            try:
+                sink(req, finished, error)
+            except RuntimeError:  # the caller's event loop is gone (it stopped listening): drop it
+                if not req.finished:
+                    self.scheduler.abort(req.rid)
+                self._sinks.pop(req.rid, None)
 
 
 def _settle(fut: asyncio.Future, req: Req, error: BaseException | None) -> None:
