@@ -180,7 +180,7 @@ class ArborBackend:
         t2 = time.perf_counter()
         if len(out["output_ids"]) != 1:
             raise RuntimeError(f"arborlm: the tiny start-up request returned {len(out['output_ids'])} tokens, not 1")
-        self.import_s, self.startup_s = t1 - t0, t2 - t1
+        self.import_s, self.startup_s = t1 - t0, t2 - t0
         self.tokenizer = self.engine.tokenizer
         self.cached_tokens = 0
 
@@ -232,7 +232,7 @@ class HFBackend:
         self.pad_id = pad if pad is not None else min(self.eos_ids)
         self.generate([[1, 2, 3, 4, 5, 6, 7, 8]], 1)
         t2 = time.perf_counter()
-        self.import_s, self.startup_s = t1 - t0, t2 - t1
+        self.import_s, self.startup_s = t1 - t0, t2 - t0
         self.cached_tokens = 0
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -270,7 +270,8 @@ def hf_runs(args, wl: str) -> int:
 def run_system(name: str, args) -> dict:
     """Measure one system in this process; return a JSON-able dict."""
     log(f"{name}: starting (dtype={args.dtype}, threads={args.threads})")
-    res: dict = {"system": name, "dtype": args.dtype, "threads": args.threads, "workloads": {}}
+    res: dict = {"system": name, "dtype": args.dtype, "threads": args.threads, "workloads": {},
+                 "loadavg_start": os.getloadavg()[0]}
     try:
         be = (ArborBackend if name == "arborlm" else HFBackend)(args.dtype, args.threads)
     except Exception as e:  # noqa: BLE001 - reported, not fatal to the parent
@@ -279,7 +280,7 @@ def run_system(name: str, args) -> dict:
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return res
     res["import_s"], res["startup_s"] = be.import_s, be.startup_s
-    log(f"{name}: start-up {be.startup_s:.2f} s (+ imports {be.import_s:.2f} s)")
+    log(f"{name}: start-up {be.startup_s:.2f} s (of which imports {be.import_s:.2f} s)")
     prompts = Prompts(be.tokenizer)
     res["text_tokens"], res["prompt_digest"] = len(prompts.stream), prompts.digest()
 
@@ -324,6 +325,7 @@ def run_system(name: str, args) -> dict:
             log(f"{name} {wl}: FAILED: {wres['error']}")
     be.close()
     res["cached_tokens_total"] = be.cached_tokens
+    res["loadavg_end"] = os.getloadavg()[0]
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return res
 
@@ -422,8 +424,9 @@ def print_table(results: dict, args, file=sys.stdout) -> None:
     p("notes:")
     p("  tok/s: W1 = 128 new tokens / wall time of the generate call (prefill included); "
       "W2 = 32*128 / wall time; W3 = 2048 prompt tokens / wall time (1 new token).")
-    p("  startup: arborlm = Engine() construction until the answer of a 1-token request; "
-      "transformers = from_pretrained + tokenizer until the same. Imports excluded: "
+    p("  startup: with torch already imported, import + arborlm Engine() / transformers from_pretrained "
+      "+ tokenizer, until the answer of a 1-token request (arborlm's Engine() imports transformers lazily, so "
+      "both include that import). Module imports before construction: "
       + ", ".join(f"{s} {fmt(results[s].get('import_s'), '.2f')} s" for s in systems) + ".")
     p("  peak RSS: ru_maxrss of each system's own subprocess." if not args.in_process
       else "  peak RSS: ru_maxrss of this process.")
@@ -440,6 +443,9 @@ def print_table(results: dict, args, file=sys.stdout) -> None:
         r = results[s]
         if r.get("prompt_digest"):
             p(f"  {s}: text = {r['text_tokens']} tokens, digest {r['prompt_digest']}")
+        if r.get("loadavg_end") is not None:
+            p(f"  {s}: 1-min load average {r['loadavg_start']:.2f} at start, {r['loadavg_end']:.2f} at end "
+              f"({os.cpu_count()} CPUs; above ~{args.threads} means other processes competed for the cores)")
         if r.get("cached_tokens_total"):
             p(f"  {s}: prefix cache hit on {r['cached_tokens_total']} prompt tokens in total")
     ag = results.get("agreement") or {}

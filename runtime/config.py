@@ -21,7 +21,9 @@ class EngineArgs:
     max_total_tokens: int | None = None
     kv_cache_gb: float = 1.0
     max_running_requests: int = 256
-    max_prefill_tokens: int = 8192  # token budget of the prefill part of one step
+    chunked_prefill_size: int = 8192  # prefill token budget of one step; longer prompts go in chunks
+    disable_radix_cache: bool = False
+    schedule_policy: str = "lpm"  # fcfs | lpm | dfs-weight
     attention_backend: str = "torch"
     random_seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
@@ -31,7 +33,11 @@ class EngineArgs:
             raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.attention_backend != "torch":
             raise ValueError(f"attention_backend: only 'torch' is available, got {self.attention_backend!r}")
-        for name in ("max_running_requests", "max_prefill_tokens"):
+        from arborlm.runtime.scheduler.policy import POLICIES
+
+        if self.schedule_policy not in POLICIES:
+            raise ValueError(f"schedule_policy: expected one of {POLICIES}, got {self.schedule_policy!r}")
+        for name in ("max_running_requests", "chunked_prefill_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_total_tokens is not None and self.max_total_tokens < 1:

@@ -15,6 +15,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
+from arborlm.runtime.cache.radix_cache import RadixCache
 from arborlm.runtime.config import EngineArgs
 from arborlm.runtime.detokenizer import IncrementalDetokenizer
 from arborlm.runtime.errors import BadRequestError
@@ -22,7 +23,7 @@ from arborlm.runtime.model import loader
 from arborlm.runtime.model_runner import ModelRunner
 from arborlm.runtime.sampling.params import SamplingParams
 from arborlm.runtime.scheduler.req import Req
-from arborlm.runtime.scheduler.scheduler import Scheduler
+from arborlm.runtime.scheduler.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,12 @@ class Engine:
         self.tokenizer = loader.load_tokenizer(self.runner.files.tokenizer_dir)
         self.eos_ids = eos_token_ids(self.runner.config, self.tokenizer, self.runner.files.model_dir)
         self.sampler = self.runner.make_sampler(self.eos_ids)
-        self.scheduler = Scheduler(
-            self.runner.req_pool, self.runner.kv_pool, context_length=self.runner.context_length,
-            max_running_requests=self.args.max_running_requests, max_prefill_tokens=self.args.max_prefill_tokens,
-            eos_ids=self.eos_ids, tokenizer=self.tokenizer,
-        )
+        tree = RadixCache(self.runner.kv_pool.free, disable=self.args.disable_radix_cache)
+        self.scheduler = Scheduler(self.runner.req_pool, self.runner.kv_pool, tree, SchedulerConfig(
+            context_length=self.runner.context_length, max_running_requests=self.args.max_running_requests,
+            chunked_prefill_size=self.args.chunked_prefill_size, schedule_policy=self.args.schedule_policy,
+            eos_ids=self.eos_ids,
+        ))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._closed = False
@@ -170,19 +172,8 @@ class Engine:
         if self._closed:
             raise RuntimeError("the engine is shut down")
         for r in reqs:  # validate all before queueing any: a bad batch is rejected whole
-            self.scheduler_check(r)
+            self.scheduler.check(r)
         self._inbox.put(("add", reqs, sink))
-
-    def scheduler_check(self, req: Req) -> None:
-        n, m = len(req.prompt_ids), req.params.max_new_tokens
-        if n == 0:
-            raise BadRequestError("the prompt is empty")
-        if n + m > self.runner.context_length:
-            raise BadRequestError(
-                f"prompt ({n} tokens) + max_new_tokens ({m}) exceeds the context length ({self.runner.context_length})"
-            )
-        if req.max_kv > self.runner.kv_pool.size:
-            raise BadRequestError(f"prompt + max_new_tokens needs {req.max_kv} KV slots; the pool holds {self.runner.kv_pool.size}")
 
     def _result(self, req: Req) -> dict[str, Any]:
         meta = {

@@ -32,9 +32,9 @@ class ModelRunner:
         self.model = LlamaModel(self.config, loader.load_weights(self.files.model_dir), args.torch_dtype,
                                 self.context_length)
         m = self.model
-        per_token = TokenToKVPool.bytes_per_token(m.num_layers, m.num_kv_heads, m.head_dim, args.torch_dtype)
+        per_token = TokenToKVPool.bytes_per_token(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype)
         size = args.max_total_tokens or int(args.kv_cache_gb * (1 << 30)) // per_token
-        self.kv_pool = TokenToKVPool(size, m.num_layers, m.num_kv_heads, m.head_dim, args.torch_dtype)
+        self.kv_pool = TokenToKVPool(size, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype)
         self.req_pool = ReqToTokenPool(args.max_running_requests, self.context_length)
         self.attn = TorchAttentionBackend(self.kv_pool, m.num_heads, m.num_kv_heads, m.head_dim)
         self.vocab_size = self.config.vocab_size

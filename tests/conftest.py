@@ -78,14 +78,15 @@ def hf_model(real_model_dir):
 
 
 def assert_pool_clean(engine) -> None:
-    """Every KV slot and request row is free once all requests have ended."""
+    """Once all requests have ended, every KV slot is free or cached, and every request row is free."""
     import time
 
     deadline = time.time() + 5
     while engine.scheduler.has_work() and time.time() < deadline:
         time.sleep(0.01)
-    pool = engine.runner.kv_pool
-    assert pool.available() == pool.size
-    assert int(pool.allocator.is_free.sum()) == pool.size
+    pool, tree = engine.runner.kv_pool, engine.scheduler.tree
+    assert tree.protected_size == 0
+    assert pool.available() + tree.evictable_size == pool.size
+    assert int(pool.allocator.is_free.sum()) == pool.available()
+    assert tree.evictable_size == tree.total_size()
     assert engine.runner.req_pool.available() == engine.runner.req_pool.max_requests
-    assert engine.scheduler.reserved == 0

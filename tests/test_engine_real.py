@@ -183,6 +183,19 @@ def test_async_generate_concurrent(engine):
     assert outs[0]["output_ids"] == engine.generate("Count: 0,", {"temperature": 0, "max_new_tokens": 8})["output_ids"]
 
 
+def test_cached_tokens_for_a_second_request_sharing_a_prefix(engine):
+    shared = "You are a careful assistant. Answer in one short sentence, with no preamble at all. " * 3
+    first = engine.generate(shared + "Question: what colour is the sky?", {"temperature": 0, "max_new_tokens": 4})
+    second = engine.generate(shared + "Question: what is two plus two?", {"temperature": 0, "max_new_tokens": 4})
+    n_shared = len(engine.tokenizer.encode(shared + "Question: what"))
+    assert first["meta_info"]["cached_tokens"] < n_shared - 8  # nothing like it was cached before
+    assert n_shared - 2 <= second["meta_info"]["cached_tokens"] <= n_shared + 1
+    again = engine.generate(shared + "Question: what is two plus two?", {"temperature": 0, "max_new_tokens": 4})
+    assert again["meta_info"]["cached_tokens"] == again["meta_info"]["prompt_tokens"] - 1
+    assert again["output_ids"] == second["output_ids"]
+    assert_pool_clean(engine)
+
+
 def test_prefill_only_and_metadata(engine):
     out = engine.generate("Warm the cache with this prompt.", {"max_new_tokens": 0})
     assert out["output_ids"] == [] and out["text"] == ""
@@ -190,7 +203,7 @@ def test_prefill_only_and_metadata(engine):
     out = engine.generate("Hello there", {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True})
     meta = out["meta_info"]
     assert meta["prompt_tokens"] == len(engine.tokenizer.encode("Hello there"))
-    assert meta["completion_tokens"] == 5 and meta["cached_tokens"] == 0
+    assert meta["completion_tokens"] == 5
     assert meta["finish_reason"] == {"type": "length", "length": 5} and meta["e2e_latency"] > 0
     assert len(meta["id"]) == 32
 

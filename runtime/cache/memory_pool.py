@@ -54,14 +54,17 @@ class SlotAllocator:
 class TokenToKVPool:
     """K/V buffers of shape [layers, size + 1, kv_heads, head_dim] and their slot allocator.
 
-    Buffers are allocated once with torch.zeros; on Linux the pages are only committed when
-    written, so a large pool costs resident memory only as it fills.
+    Buffers are allocated once with torch.empty, so on a CPU the pages are only committed when
+    first written and a large pool costs resident memory as it fills. Every slot is written before
+    it is read, except the padding slot 0, which is zeroed (masked reads must not meet NaN).
     """
 
     def __init__(self, size: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype, device="cpu"):
         shape = (num_layers, size + 1, num_kv_heads, head_dim)
-        self.k_buffer = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_buffer = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_buffer = torch.empty(shape, dtype=dtype, device=device)
+        self.v_buffer = torch.empty(shape, dtype=dtype, device=device)
+        self.k_buffer[:, 0].zero_()
+        self.v_buffer[:, 0].zero_()
         self.allocator = SlotAllocator(size)
         self.size = size
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from arborlm.runtime.errors import ModelLoadError
 from arborlm.runtime.model.forward_batch import ForwardBatch
-from arborlm.runtime.model.linear import Linear
+from arborlm.runtime.model.linear import Linear, compute_dtype
 
 
 def rope_cos_sin(config, max_positions: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +39,8 @@ def rope_cos_sin(config, max_positions: int, dtype) -> tuple[torch.Tensor, torch
 class LlamaModel:
     def __init__(self, config, weights: dict[str, torch.Tensor], dtype, max_positions: int):
         self.config = config
-        self.dtype = dtype
+        self.dtype = compute_dtype(dtype)  # activations and KV; weights also keep `dtype` copies
+        self.weight_dtype = dtype
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -48,7 +49,7 @@ class LlamaModel:
         self.hidden = config.hidden_size
         self.inter = config.intermediate_size
         self._load(weights)
-        self.cos, self.sin = rope_cos_sin(config, max_positions, dtype)
+        self.cos, self.sin = rope_cos_sin(config, max_positions, self.dtype)
 
     def _load(self, w: dict[str, torch.Tensor]) -> None:
         def take(name, cast=True):
@@ -59,7 +60,7 @@ class LlamaModel:
         def linear(*names, bias=False):
             weight = torch.cat([take(n + ".weight", cast=False) for n in names])
             b = torch.cat([take(n + ".bias", cast=False) for n in names]) if bias else None
-            return Linear(weight, b, self.dtype)
+            return Linear(weight, b, self.weight_dtype, self.dtype)
 
         self.embed = take("model.embed_tokens.weight")
         tied = getattr(self.config, "tie_word_embeddings", False) or "lm_head.weight" not in w

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,8 @@ class Req:
     row: int | None = None  # row in the request-to-token table while it holds KV
     kv_len: int = 0  # leading tokens of prompt + output whose KV is in the pool
     cached_tokens: int = 0
+    protected_len: int = 0  # leading KV slots owned by the radix tree (locked at last_node)
+    last_node: Any = None
     finish_reason: dict | None = None
     output_logprobs: list = field(default_factory=list)  # (logprob, token_id)
     output_top_logprobs: list = field(default_factory=list)

@@ -1,20 +1,24 @@
-"""Continuous batching over the paged KV pool. Pure Python plus index tensors: no model here.
+"""Continuous batching over the paged KV pool and the radix cache. Pure Python plus index
+tensors: no model here, so it is tested by feeding requests and fake sampled tokens.
 
-Each step the scheduler forms one batch: admitted waiting requests (a prefill, or a chunk of one,
-within the prefill token budget) followed by one decode token for every running request. Finished
-requests free their KV at once; new ones join at the next step. Admission reserves the KV a request
-can ever need (prompt + max_new_tokens), so a running request never runs out of slots mid-decode.
+Each step forms one batch: a decode token for every running request, chunks of unfinished
+prefills, and newly admitted requests (their uncached suffix), within the prefill token budget.
+Admission matches the request's prefix in the radix tree and estimates its future decode needs
+(SGLang's new-token ratio). When a decode step cannot get its slots, the tree evicts LRU leaves;
+if that is not enough, running requests are retracted to the waiting queue (least progress
+first), keeping their generated tokens for a later re-prefill.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field
 
 from arborlm.runtime.cache.memory_pool import ReqToTokenPool, TokenToKVPool
+from arborlm.runtime.cache.radix_cache import RadixCache
 from arborlm.runtime.errors import BadRequestError
+from arborlm.runtime.scheduler.policy import order_waiting
 from arborlm.runtime.scheduler.req import Req, Status
 
 
@@ -38,22 +42,49 @@ class StepOutput:
     finished: bool
 
 
+@dataclass
+class SchedulerStats:
+    """Counters for the metrics endpoint."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    retractions: int = 0
+    finished_requests: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    context_length: int
+    max_running_requests: int = 256
+    chunked_prefill_size: int = 8192  # prefill token budget of one step
+    schedule_policy: str = "lpm"
+    init_new_token_ratio: float = 0.7  # share of max_new_tokens a request is expected to use
+    min_new_token_ratio: float = 0.1
+    new_token_ratio_decay: float = 0.001
+    eos_ids: set[int] = field(default_factory=set)
+
+
 class Scheduler:
-    def __init__(self, req_pool: ReqToTokenPool, kv_pool: TokenToKVPool, *, context_length: int,
-                 max_running_requests: int, max_prefill_tokens: int, eos_ids: set[int], tokenizer=None):
+    def __init__(self, req_pool: ReqToTokenPool, kv_pool: TokenToKVPool, tree: RadixCache, cfg: SchedulerConfig):
         self.req_pool = req_pool
         self.kv_pool = kv_pool
-        self.context_length = context_length
-        self.max_running = min(max_running_requests, req_pool.max_requests)
-        self.max_prefill_tokens = max_prefill_tokens
-        self.eos_ids = eos_ids
-        self.tokenizer = tokenizer
+        self.tree = tree
+        self.cfg = cfg
+        self.context_length = cfg.context_length
+        self.max_running = min(cfg.max_running_requests, req_pool.max_requests)
+        self.eos_ids = cfg.eos_ids
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
-        self.reserved = 0  # slots promised to running requests but not yet allocated
+        self.new_token_ratio = cfg.init_new_token_ratio
+        self.stats = SchedulerStats()
 
     # ---- admission -------------------------------------------------------------------------
-    def add_request(self, req: Req) -> None:
+    def check(self, req: Req) -> None:
+        """Reject what can never run; reads only fixed limits, so any thread may call it."""
         n = len(req.prompt_ids)
         if n == 0:
             raise BadRequestError("the prompt is empty")
@@ -66,6 +97,9 @@ class Scheduler:
             raise BadRequestError(
                 f"prompt + max_new_tokens needs {req.max_kv} KV slots; the pool holds {self.kv_pool.size}"
             )
+
+    def add_request(self, req: Req) -> None:
+        self.check(req)
         self.waiting.append(req)
 
     def abort(self, rid: str) -> Req | None:
@@ -85,49 +119,111 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix; only when idle (running requests hold locks in the tree)."""
+        if self.has_work():
+            return False
+        self.tree.evict(self.kv_pool.size)
+        return True
+
     # ---- batch formation -------------------------------------------------------------------
     def schedule(self) -> ScheduleBatch | None:
-        reqs, ext, pre = [], [], []
-        budget = self.max_prefill_tokens
-        # A request mid-chunked-prefill is running but still has more than one pending token.
-        for req in self.running:
-            if req.pending_len > 1 and budget > 0:
-                n = min(req.pending_len, budget)
-                self._extend(req, n, reqs, ext, pre)
-                budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
-            req = self.waiting[0]
-            need = req.max_kv - req.kv_len
-            if self.kv_pool.available() - self.reserved < need or self.req_pool.available() == 0:
-                break
-            self.waiting.popleft()
-            req.row = self.req_pool.alloc()
-            req.status = Status.RUNNING
-            self.running.append(req)
-            self.reserved += need
-            n = min(req.pending_len, budget)
-            self._extend(req, n, reqs, ext, pre)
-            budget -= n
-        decodes = [r for r in self.running if r.pending_len == 1 and r not in reqs]
+        decodes = [r for r in self.running if r.pending_len == 1]
+        while not self._make_room(len(decodes)):
+            victim = self._retract_one()
+            if victim in decodes:
+                decodes.remove(victim)
+        if decodes:
+            self.new_token_ratio = max(self.cfg.min_new_token_ratio,
+                                       self.new_token_ratio - self.cfg.new_token_ratio_decay)
         for req in decodes:
-            self._extend(req, 1, reqs, ext, pre)
+            self._alloc(req, 1)
+        reqs, ext, pre = [], [], []
+        budget = self.cfg.chunked_prefill_size
+        for req in self.running:  # unfinished chunked prefills go on first
+            if req.pending_len > 1 and budget > 0 and req not in reqs:
+                n = min(req.pending_len, budget)
+                if not self._make_room(n):
+                    break
+                pre.append(req.kv_len)
+                self._alloc(req, n)
+                reqs.append(req)
+                ext.append(n)
+                budget -= n
+        if self.waiting and budget > 0:
+            self._admit(budget, reqs, ext, pre)
+        reqs += decodes
+        ext += [1] * len(decodes)
+        pre += [r.kv_len - 1 for r in decodes]
         if not reqs:
             return None
         return ScheduleBatch(reqs, ext, pre, num_decode=len(decodes))
 
-    def _extend(self, req: Req, n: int, reqs, ext, pre) -> None:
+    def _admit(self, budget: int, reqs, ext, pre) -> None:
+        ordered = order_waiting(self.cfg.schedule_policy, list(self.waiting), self.tree)
+        future = sum(self._future_need(r) for r in self.running)
+        for req in ordered:
+            if budget <= 0 or len(self.running) >= self.max_running or self.req_pool.available() == 0:
+                break
+            slots, node = self.tree.match_prefix(req.all_ids[: req.seq_len - 1])
+            self.tree.lock(node)
+            rest = req.seq_len - len(slots)
+            room = self.kv_pool.available() + self.tree.evictable_size - future
+            need = rest + self._future_need(req)
+            n = min(rest, budget)
+            if room < need or not self._make_room(n):
+                self.tree.unlock(node)
+                break
+            self.waiting.remove(req)
+            req.row = self.req_pool.alloc()
+            req.status = Status.RUNNING
+            req.last_node, req.protected_len, req.kv_len = node, len(slots), len(slots)
+            self.req_pool.table[req.row, : len(slots)] = slots
+            if not req.output_ids:  # first admission (not a re-admission after retraction)
+                req.cached_tokens = len(slots)
+                self.stats.prompt_tokens += len(req.prompt_ids)
+                self.stats.cached_tokens += len(slots)
+            self.running.append(req)
+            future += self._future_need(req)
+            pre.append(req.kv_len)
+            self._alloc(req, n)
+            reqs.append(req)
+            ext.append(n)
+            budget -= n
+
+    def _future_need(self, req: Req) -> int:
+        left = max(req.params.max_new_tokens - len(req.output_ids) - 1, 0)
+        return math.ceil(left * self.new_token_ratio)
+
+    def _make_room(self, n: int) -> bool:
+        short = n - self.kv_pool.available()
+        if short > 0:
+            self.tree.evict(short)
+        return self.kv_pool.available() >= n
+
+    def _alloc(self, req: Req, n: int) -> None:
         slots = self.kv_pool.alloc(n)
-        assert slots is not None, "admission reserved these slots"
-        self.reserved -= n
+        assert slots is not None, "room was made before allocating"
         self.req_pool.table[req.row, req.kv_len : req.kv_len + n] = slots
-        reqs.append(req)
-        ext.append(n)
-        pre.append(req.kv_len)
         req.kv_len += n
+
+    def _retract_one(self) -> Req:
+        """Send the running request with the least progress (newest among equals) back to waiting."""
+        if not self.running:
+            raise RuntimeError("KV pool exhausted with nothing to retract")  # check() prevents this
+        victim = min(reversed(self.running), key=lambda r: len(r.output_ids))
+        self._free_kv(victim)
+        victim.status = Status.WAITING
+        self.running.remove(victim)
+        self.waiting.appendleft(victim)
+        self.new_token_ratio = self.cfg.init_new_token_ratio
+        self.stats.retractions += 1
+        return victim
 
     # ---- results -----------------------------------------------------------------------------
     def process(self, batch: ScheduleBatch, next_ids: list[int | None], logprobs=None, top_logprobs=None) -> list[StepOutput]:
-        """Apply one step's sampled tokens (None for rows that did not sample); free finished requests."""
+        """Apply one step's sampled tokens (None for rows that did not sample); share prefilled KV
+        through the tree; free finished requests."""
         outs = []
         for i, req in enumerate(batch.reqs):
             if req.finished:  # aborted while the step ran
@@ -137,11 +233,14 @@ class Scheduler:
                     req.finish({"type": "length", "length": 0})
                     self._release(req)
                     outs.append(StepOutput(req, [], True))
+                elif batch.extend_lens[i] > 1:
+                    self._share(req)
                 continue
             tok = next_ids[i]
-            if tok is None:
-                continue
-            outs.append(self._append_token(req, tok, logprobs, top_logprobs, i))
+            if tok is not None:
+                outs.append(self._append_token(req, tok, logprobs, top_logprobs, i))
+            if not req.finished and batch.extend_lens[i] > 1:
+                self._share(req)
         return outs
 
     def _append_token(self, req: Req, tok: int, logprobs, top_logprobs, i) -> StepOutput:
@@ -181,14 +280,27 @@ class Scheduler:
         req.finish({"type": "stop", "matched": s})
         return True
 
+    def _share(self, req: Req) -> None:
+        """Put a running request's prefilled KV into the tree so others can match it now."""
+        slots = self.req_pool.table[req.row, : req.kv_len]
+        new_slots, node = self.tree.cache_unfinished(req.all_ids[: req.kv_len], slots.clone(),
+                                                      req.protected_len, req.last_node)
+        if not self.tree.disable:
+            self.req_pool.table[req.row, : req.kv_len] = new_slots
+            req.last_node, req.protected_len = node, req.kv_len
+
+    def _free_kv(self, req: Req) -> None:
+        """Hand a request's KV to the tree (or free it) and give back its table row."""
+        if req.row is None:
+            return
+        slots = self.req_pool.table[req.row, : req.kv_len].clone()
+        self.tree.cache_finished(req.all_ids[: req.kv_len], slots, req.protected_len, req.last_node)
+        self.req_pool.free(req.row)
+        req.row, req.kv_len, req.protected_len, req.last_node = None, 0, 0, None
+
     def _release(self, req: Req) -> None:
-        """Free a request's KV and table row; return its unused reservation."""
-        if req.row is not None:
-            self.kv_pool.free(self.req_pool.table[req.row, : req.kv_len].clone())
-            self.req_pool.free(req.row)
-            self.reserved -= req.max_kv - req.kv_len
-            req.row = None
-        req.kv_len = 0
+        self._free_kv(req)
         req.status = Status.FINISHED
+        self.stats.finished_requests += 1
         if req in self.running:
             self.running.remove(req)

@@ -1,0 +1,49 @@
+"""Orders of the waiting queue (--schedule-policy): fcfs, lpm, dfs-weight.
+
+lpm and dfs-weight look every waiting request up in the radix tree, so past LONG_QUEUE waiting
+requests they fall back to fcfs: sorting must never cost more than it saves.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from arborlm.runtime.cache.radix_cache import RadixCache, TreeNode
+
+POLICIES = ("fcfs", "lpm", "dfs-weight")
+LONG_QUEUE = 128
+
+
+def order_waiting(policy: str, waiting: list, tree: RadixCache) -> list:
+    if policy == "fcfs" or tree.disable or len(waiting) > LONG_QUEUE or len(waiting) < 2:
+        return waiting
+    ends = {}
+    for req in waiting:
+        slots, node = tree.match_prefix(req.all_ids[: req.seq_len - 1])
+        ends[req.rid] = (len(slots), node)
+    if policy == "lpm":
+        return sorted(waiting, key=lambda r: -ends[r.rid][0])  # stable: fcfs among equals
+    if policy == "dfs-weight":
+        return _dfs_weight(waiting, ends, tree.root)
+    raise ValueError(f"schedule_policy: expected one of {POLICIES}, got {policy!r}")
+
+
+def _dfs_weight(waiting, ends, root: TreeNode) -> list:
+    """Visit the tree depth-first, heaviest subtree (most waiting requests) first, and take the
+    requests in visiting order: requests sharing a prefix run together while it is cached."""
+    by_node = defaultdict(list)
+    weight: dict[int, int] = defaultdict(int)
+    for req in waiting:
+        node = ends[req.rid][1]
+        by_node[id(node)].append(req)
+        while node is not None:
+            weight[id(node)] += 1
+            node = node.parent
+    out = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        out.extend(by_node.get(id(node), ()))
+        kids = [c for c in node.children.values() if weight.get(id(c))]
+        stack.extend(sorted(kids, key=lambda c: weight[id(c)]))  # heaviest popped first
+    return out
