@@ -118,6 +118,18 @@ class Engine:
         results = [self._result(r) for r in reqs]
         return results[0] if single else results
 
+    def get_stats(self) -> dict:
+        """Scheduler and cache counters (a snapshot read from another thread: for monitoring)."""
+        return self.scheduler.counters()
+
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache; returns False (and does nothing) while requests are in flight."""
+        done = threading.Event()
+        result = []
+        self._inbox.put(("call", lambda: result.append(self.scheduler.flush_cache()), done))
+        done.wait()
+        return result[0]
+
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
 
@@ -281,6 +293,9 @@ class Engine:
                         self.scheduler.add_request(req)
                     except Exception as e:  # noqa: BLE001
                         self._emit(req, True, e)
+            elif kind == "call":  # run a function on the loop thread, which owns the scheduler
+                item[1]()
+                item[2].set()
             elif kind == "abort":
                 req = self.scheduler.abort(item[1])
                 if req is not None:

@@ -51,3 +51,22 @@ def test_greedy_outputs_identical_across_configurations(kwargs, reference):
         if kwargs.get("disable_radix_cache"):
             assert stats.cached_tokens == 0 and eng.scheduler.tree.total_size() == 0
         assert_pool_clean(eng)
+
+
+def test_siblings_sent_together_share_their_prefix(engine):
+    assert engine.flush_cache()
+    outs = engine.generate(PROMPTS[:5], {"temperature": 0, "max_new_tokens": 2})
+    shared = len(engine.tokenizer.encode(FEW_SHOT)) - 2
+    # the first computes the few-shot prefix; the others wait one step and hit the cache
+    assert sorted(o["meta_info"]["cached_tokens"] >= shared for o in outs) == [False] + [True] * 4
+
+
+def test_counters_and_flush_cache(engine):
+    engine.generate(PROMPTS[:3], {"temperature": 0, "max_new_tokens": 2})
+    stats = engine.get_stats()
+    assert stats["running_requests"] == 0 and stats["protected_tokens"] == 0
+    assert stats["free_slots"] + stats["evictable_tokens"] == stats["pool_size"]
+    assert 0 < stats["cache_hit_rate"] < 1 and stats["evictable_tokens"] > 0
+    assert engine.flush_cache() is True
+    stats = engine.get_stats()
+    assert stats["evictable_tokens"] == 0 and stats["free_slots"] == stats["pool_size"]

@@ -24,6 +24,8 @@ class TorchAttentionBackend:
 
     def forward(self, q, k, v, layer: int, batch: ForwardBatch) -> torch.Tensor:
         self.pool.write(layer, batch.out_slots, k, v)
+        if not batch.extend_lens:  # a pure decode step: no scatter into a shared output
+            return self._decode(q, layer, batch).view(q.shape[0], -1)
         out = torch.empty_like(q)
         n_ext = len(batch.extend_lens)
         for i in range(n_ext):

@@ -15,11 +15,15 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from arborlm.runtime.cache.memory_pool import ReqToTokenPool, TokenToKVPool
 from arborlm.runtime.cache.radix_cache import RadixCache
 from arborlm.runtime.errors import BadRequestError
 from arborlm.runtime.scheduler.policy import order_waiting
 from arborlm.runtime.scheduler.req import Req, Status
+
+IN_BATCH_PREFIX_MIN = 32  # shared uncached tokens that make a request wait for a sibling's prefill
 
 
 @dataclass
@@ -119,6 +123,23 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def counters(self) -> dict:
+        """A snapshot for metrics: queue lengths, KV usage, cache effectiveness, pressure events."""
+        return {
+            "running_requests": len(self.running),
+            "waiting_requests": len(self.waiting),
+            "free_slots": self.kv_pool.available(),
+            "evictable_tokens": self.tree.evictable_size,
+            "protected_tokens": self.tree.protected_size,
+            "pool_size": self.kv_pool.size,
+            "cache_hit_rate": self.stats.hit_rate,
+            "prompt_tokens": self.stats.prompt_tokens,
+            "cached_tokens": self.stats.cached_tokens,
+            "evicted_tokens": self.tree.evicted_tokens,
+            "retractions": self.stats.retractions,
+            "finished_requests": self.stats.finished_requests,
+        }
+
     def flush_cache(self) -> bool:
         """Drop every cached prefix; only when idle (running requests hold locks in the tree)."""
         if self.has_work():
@@ -162,10 +183,19 @@ class Scheduler:
     def _admit(self, budget: int, reqs, ext, pre) -> None:
         ordered = order_waiting(self.cfg.schedule_policy, list(self.waiting), self.tree)
         future = sum(self._future_need(r) for r in self.running)
+        # Prefixes being prefilled in this very step: a request that would compute the same tokens
+        # again waits one step and then hits the cache (SGLang's in-batch prefix check).
+        in_batch = RadixCache(lambda slots: None)
         for req in ordered:
             if budget <= 0 or len(self.running) >= self.max_running or self.req_pool.available() == 0:
                 break
-            slots, node = self.tree.match_prefix(req.all_ids[: req.seq_len - 1])
+            ids = req.all_ids[: req.seq_len - 1]
+            slots, node = self.tree.match_prefix(ids)
+            if not self.tree.disable:
+                shared = len(in_batch.match_prefix(ids)[0])
+                if shared - len(slots) >= IN_BATCH_PREFIX_MIN:
+                    continue
+                in_batch.insert(ids, torch.zeros(len(ids), dtype=torch.int64))
             self.tree.lock(node)
             rest = req.seq_len - len(slots)
             room = self.kv_pool.available() + self.tree.evictable_size - future
