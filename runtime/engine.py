@@ -256,7 +256,14 @@ class Engine:
         while True:
             if not self._drain(block=not sched.has_work()):
                 break
-            batch = sched.schedule()
+            try:
+                batch = sched.schedule()
+            except Exception as e:  # noqa: BLE001 - a scheduler bug must not hang every caller
+                logger.exception("scheduling failed; aborting all requests")
+                for req in list(sched.waiting) + list(sched.running):
+                    sched.abort(req.rid)
+                    self._emit(req, True, e)
+                continue
             if batch is None:
                 continue
             try:

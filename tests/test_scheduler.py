@@ -227,8 +227,7 @@ def test_policies_admit_everything_and_lpm_prefers_long_matches(policy):
     s.add_request(y)
     b = s.schedule()
     first = b.reqs[0]
-    if policy != "dfs-weight":  # dfs-weight ties: requests at the root come first
-        assert first is (x if policy == "fcfs" else y)
+    assert first is (x if policy == "fcfs" else y)
     s.process(b, [5 if smp else None for smp in b.samples])
     run_rest = [r for r in (x, y) if not r.finished]
     while s.has_work():
@@ -251,3 +250,20 @@ def test_flush_cache_only_when_idle():
     assert not s.flush_cache()
     run_all(s, [])
     assert s.flush_cache() and s.kv_pool.available() == s.kv_pool.size
+
+
+def test_dfs_weight_groups_requests_by_shared_prefix():
+    from arborlm.runtime.scheduler.policy import order_waiting
+
+    s = make(policy="dfs-weight")
+    for p in ([1] * 8, [2] * 8):
+        run_all(s, [Req("w" + str(p[0]), p + [3], SamplingParams.from_dict({"max_new_tokens": 1}))])
+    waiting = []
+    for i in range(3):  # interleaved: prefix 1, prefix 2, no match
+        waiting += [Req(f"a{i}", [1] * 8 + [10 + i], SamplingParams()),
+                    Req(f"b{i}", [2] * 8 + [10 + i], SamplingParams()),
+                    Req(f"c{i}", [20 + i, 5], SamplingParams())]
+    waiting.append(Req("a3", [1] * 8 + [13], SamplingParams()))
+    order = [r.rid for r in order_waiting("dfs-weight", waiting, s.tree)]
+    assert order[:4] == ["a0", "a1", "a2", "a3"]  # heaviest subtree first
+    assert order[4:7] == ["b0", "b1", "b2"] and order[7:] == ["c0", "c1", "c2"]

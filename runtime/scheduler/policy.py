@@ -29,8 +29,9 @@ def order_waiting(policy: str, waiting: list, tree: RadixCache) -> list:
 
 
 def _dfs_weight(waiting, ends, root: TreeNode) -> list:
-    """Visit the tree depth-first, heaviest subtree (most waiting requests) first, and take the
-    requests in visiting order: requests sharing a prefix run together while it is cached."""
+    """Visit the tree depth-first, heaviest subtree (most waiting requests) first, taking each
+    node's requests after its subtree's (SGLang's order): requests sharing a prefix run together
+    while it is cached, and requests with no match come last."""
     by_node = defaultdict(list)
     weight: dict[int, int] = defaultdict(int)
     for req in waiting:
@@ -40,10 +41,13 @@ def _dfs_weight(waiting, ends, root: TreeNode) -> list:
             weight[id(node)] += 1
             node = node.parent
     out = []
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        out.extend(by_node.get(id(node), ()))
+    stack = [(root, False)]
+    while stack:  # iterative post-order
+        node, expanded = stack.pop()
+        if expanded:
+            out.extend(by_node.get(id(node), ()))
+            continue
+        stack.append((node, True))
         kids = [c for c in node.children.values() if weight.get(id(c))]
-        stack.extend(sorted(kids, key=lambda c: weight[id(c)]))  # heaviest popped first
+        stack.extend((c, False) for c in sorted(kids, key=lambda c: weight[id(c)]))  # heaviest first
     return out
