@@ -51,21 +51,38 @@ class Engine:
 
     def __init__(self, model_path: str | None = None, **kwargs):
         self.args = EngineArgs.from_kwargs(model_path, **kwargs)
-        self.runner = ModelRunner(self.args)
-        self.tokenizer = loader.load_tokenizer(self.runner.files.tokenizer_dir)
-        self.eos_ids = eos_token_ids(self.runner.config, self.tokenizer, self.runner.files.model_dir)
-        self.sampler = self.runner.make_sampler(self.eos_ids)
-        tree = RadixCache(self.runner.kv_pool.free, disable=self.args.disable_radix_cache)
-        self.scheduler = Scheduler(self.runner.req_pool, self.runner.kv_pool, tree, SchedulerConfig(
-            context_length=self.runner.context_length, max_running_requests=self.args.max_running_requests,
-            chunked_prefill_size=self.args.chunked_prefill_size, schedule_policy=self.args.schedule_policy,
-            eos_ids=self.eos_ids,
-        ))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="arborlm-scheduler", daemon=True)
+        self._init_error: BaseException | None = None
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="arborlm-scheduler", daemon=True)
         self._thread.start()
+        ready.wait()
+        if self._init_error is not None:
+            self._closed = True
+            raise self._init_error
+
+    def _run(self, ready: threading.Event) -> None:
+        # Every torch op runs on this one thread, model loading included: a second thread that
+        # has run torch ops keeps its own OpenMP team, and on 2 cores the two teams halve speed.
+        try:
+            self.runner = ModelRunner(self.args)
+            self.tokenizer = loader.load_tokenizer(self.runner.files.tokenizer_dir)
+            self.eos_ids = eos_token_ids(self.runner.config, self.tokenizer, self.runner.files.model_dir)
+            self.sampler = self.runner.make_sampler(self.eos_ids)
+            tree = RadixCache(self.runner.kv_pool.free, disable=self.args.disable_radix_cache)
+            self.scheduler = Scheduler(self.runner.req_pool, self.runner.kv_pool, tree, SchedulerConfig(
+                context_length=self.runner.context_length, max_running_requests=self.args.max_running_requests,
+                chunked_prefill_size=self.args.chunked_prefill_size, schedule_policy=self.args.schedule_policy,
+                eos_ids=self.eos_ids,
+            ))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
+            self._init_error = e
+            ready.set()
+            return
+        ready.set()
+        self._loop()
 
     # ---- public API ----------------------------------------------------------------------------
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
