@@ -62,9 +62,9 @@ class LlamaModel:
             b = torch.cat([take(n + ".bias", cast=False) for n in names]) if bias else None
             return Linear(weight, b, self.weight_dtype, self.dtype)
 
-        self.embed = take("model.embed_tokens.weight")
         tied = getattr(self.config, "tie_word_embeddings", False) or "lm_head.weight" not in w
         self.lm_head = linear("model.embed_tokens" if tied else "lm_head")
+        self.embed = self.lm_head.weight if tied else take("model.embed_tokens.weight")
         self.final_norm = take("model.norm.weight")
         self.layers = []
         for i in range(self.num_layers):

@@ -14,10 +14,12 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from arborlm.runtime.errors import ModelLoadError, UnsupportedError
 
@@ -125,11 +127,30 @@ def load_config(model_dir: str):
     return AutoConfig.from_pretrained(model_dir)
 
 
-def load_weights(model_dir: str) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
-        state.update(load_file(f))
-    return state
+class LazyWeights(Mapping):
+    """Tensors read from safetensors files one at a time, when asked for: the model copies each
+    into its own layout, so holding (or mapping) the whole checkpoint would double peak memory."""
+
+    def __init__(self, files: list[str]):
+        self._where = {}
+        for f in files:
+            with safe_open(f, framework="pt") as h:
+                for name in h.keys():
+                    self._where[name] = f
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(self._where[name], framework="pt") as h:
+            return h.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def load_weights(model_dir: str) -> LazyWeights:
+    return LazyWeights(sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))))
 
 
 def load_tokenizer(tokenizer_dir: str):
