@@ -19,6 +19,10 @@ from arborlm.runtime.scheduler.scheduler import ScheduleBatch
 
 logger = logging.getLogger(__name__)
 
+# Cascade decode attention pays once a batch shares a long prefix; below these it is not worth it.
+CASCADE_MIN_BATCH = 2
+CASCADE_MIN_PREFIX = 64
+
 
 class ModelRunner:
     def __init__(self, args: EngineArgs):
@@ -60,14 +64,17 @@ class ModelRunner:
         out_slots = torch.cat([table[r, p:e] for r, p, e in zip(rows, batch.prefix_lens, ends)])
         for i in range(n_ext):
             slots_ext.append(table[rows[i], : ends[i]] if batch.prefix_lens[i] else None)
-        decode_slots = decode_mask = None
+        decode_slots = decode_mask = prefix_slots = None
         if batch.num_decode:
-            d_rows, d_lens = rows[n_ext:], ends[n_ext:]
-            L = max(d_lens)
-            decode_slots = table[torch.tensor(d_rows), :L]
-            if min(d_lens) != L:
-                lens = torch.tensor(d_lens).unsqueeze(1)
-                valid = torch.arange(L).unsqueeze(0) < lens
+            d_rows, d_lens = torch.tensor(rows[n_ext:]), torch.tensor(ends[n_ext:])
+            p = self._shared_prefix_len(d_rows, int(d_lens.min()))
+            if p:
+                prefix_slots = table[d_rows[0], :p]
+            lens = d_lens - p
+            L = int(lens.max())
+            decode_slots = table[d_rows, p : p + L]
+            if int(lens.min()) != L:
+                valid = torch.arange(L).unsqueeze(0) < lens.unsqueeze(1)
                 decode_slots = decode_slots.masked_fill(~valid, 0)
                 decode_mask = valid[:, None, None, :]
         return ForwardBatch(
@@ -82,7 +89,17 @@ class ModelRunner:
             decode_slots=decode_slots,
             decode_mask=decode_mask,
             logit_idx=torch.tensor(logit_idx, dtype=torch.int64),
+            decode_prefix_slots=prefix_slots,
         )
+
+    def _shared_prefix_len(self, rows: torch.Tensor, min_len: int) -> int:
+        """Slots shared by every decoding request (a common cached prefix), when worth a cascade."""
+        if rows.numel() < CASCADE_MIN_BATCH or min_len < CASCADE_MIN_PREFIX:
+            return 0
+        t = self.req_pool.table[rows, :min_len]
+        differs = (t != t[:1]).any(dim=0)
+        p = int(differs.int().argmax()) if bool(differs.any()) else min_len
+        return p if p >= CASCADE_MIN_PREFIX else 0
 
     def run(self, batch: ScheduleBatch, sampler: Sampler) -> tuple[list[int | None], SampleOutput | None]:
         """Forward one step; return the sampled token per request (None where it only prefilled)."""

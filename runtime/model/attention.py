@@ -57,5 +57,25 @@ class TorchAttentionBackend:
         qh = q.view(b, self.num_kv_heads, self.group, self.head_dim)
         kh = self.pool.k_buffer[layer][batch.decode_slots].permute(0, 2, 1, 3)
         vh = self.pool.v_buffer[layer][batch.decode_slots].permute(0, 2, 1, 3)
+        if batch.decode_prefix_slots is not None:
+            return self._decode_cascade(qh, kh, vh, layer, batch)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=batch.decode_mask, scale=self.scale)
+        return o.reshape(b, self.num_heads, self.head_dim)
+
+    def _decode_cascade(self, qh, kh, vh, layer, batch):
+        """Decode attention for a batch sharing a prefix: the shared K/V is read once and scored
+        for every request in one batched matmul per KV head, instead of being gathered B times."""
+        b, hkv, g, d = qh.shape
+        kp = self.pool.k_buffer[layer][batch.decode_prefix_slots]  # [P, Hkv, D]
+        vp = self.pool.v_buffer[layer][batch.decode_prefix_slots]
+        p_len = kp.shape[0]
+        q_rows = qh.permute(1, 0, 2, 3).reshape(hkv, b * g, d)
+        s_prefix = torch.bmm(q_rows, kp.permute(1, 2, 0)).view(hkv, b, g, p_len).permute(1, 0, 2, 3)
+        s_own = torch.matmul(qh, kh.transpose(-1, -2))  # [b, Hkv, G, L_own]
+        if batch.decode_mask is not None:
+            s_own = s_own.masked_fill(~batch.decode_mask, float("-inf"))
+        probs = torch.softmax(torch.cat([s_prefix, s_own], dim=-1) * self.scale, dim=-1)
+        p_rows = probs[..., :p_len].permute(1, 0, 2, 3).reshape(hkv, b * g, p_len)
+        o = torch.bmm(p_rows, vp.transpose(0, 1)).view(hkv, b, g, d).permute(1, 0, 2, 3)
+        o = o + torch.matmul(probs[..., p_len:], vh)
         return o.reshape(b, self.num_heads, self.head_dim)

@@ -27,6 +27,9 @@ class ForwardBatch:
     decode_slots: torch.Tensor | None  # [B, L] slot per position, padded with slot 0
     decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where valid; None when no padding
     logit_idx: torch.Tensor  # indices into T whose logits are needed
+    # When all decodes share their first P slots (siblings of one cached prefix), those are read
+    # once for the whole batch and decode_slots/decode_mask cover only the rest (cascade attention).
+    decode_prefix_slots: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
