@@ -42,7 +42,6 @@ class Req:
     detok: IncrementalDetokenizer | None = None
     generator: torch.Generator | None = None
     created: float = field(default_factory=time.perf_counter)
-    first_token_time: float | None = None
     finish_time: float | None = None
 
     def __post_init__(self):
