@@ -162,7 +162,7 @@ class Scheduler:
         reqs, ext, pre = [], [], []
         budget = self.cfg.chunked_prefill_size
         for req in self.running:  # unfinished chunked prefills go on first
-            if req.pending_len > 1 and budget > 0 and req not in reqs:
+            if req.pending_len > 1 and budget > 0:
                 n = min(req.pending_len, budget)
                 if not self._make_room(n):
                     break
