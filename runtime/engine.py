@@ -15,35 +15,16 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
-from arborlm.runtime.cache.radix_cache import RadixCache
 from arborlm.runtime.config import EngineArgs
 from arborlm.runtime.detokenizer import IncrementalDetokenizer
+from arborlm.runtime.engine_core import EngineCore
 from arborlm.runtime.errors import BadRequestError
-from arborlm.runtime.model import loader
-from arborlm.runtime.model_runner import ModelRunner
 from arborlm.runtime.sampling.params import SamplingParams
 from arborlm.runtime.scheduler.req import Req
-from arborlm.runtime.scheduler.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
 Sink = Callable[[Req, bool, BaseException | None], None]  # (req, finished, error)
-
-
-def eos_token_ids(config, tokenizer, model_dir: str) -> set[int]:
-    ids: set[int] = set()
-    try:
-        from transformers import GenerationConfig
-
-        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    except OSError:
-        eos = getattr(config, "eos_token_id", None)
-    for e in eos if isinstance(eos, list) else [eos]:
-        if e is not None:
-            ids.add(int(e))
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
 
 
 class Engine:
@@ -67,16 +48,9 @@ class Engine:
         # Every torch op runs on this one thread, model loading included: a second thread that
         # has run torch ops keeps its own OpenMP team, and on 2 cores the two teams halve speed.
         try:
-            self.runner = ModelRunner(self.args)
-            self.tokenizer = loader.load_tokenizer(self.runner.files.tokenizer_dir)
-            self.eos_ids = eos_token_ids(self.runner.config, self.tokenizer, self.runner.files.model_dir)
-            self.sampler = self.runner.make_sampler(self.eos_ids)
-            tree = RadixCache(self.runner.kv_pool.free, disable=self.args.disable_radix_cache)
-            self.scheduler = Scheduler(self.runner.req_pool, self.runner.kv_pool, tree, SchedulerConfig(
-                context_length=self.runner.context_length, max_running_requests=self.args.max_running_requests,
-                chunked_prefill_size=self.args.chunked_prefill_size, schedule_policy=self.args.schedule_policy,
-                eos_ids=self.eos_ids,
-            ))
+            self.core = EngineCore(self.args)
+            self.runner, self.tokenizer, self.scheduler = self.core.runner, self.core.tokenizer, self.core.scheduler
+            self.eos_ids = self.core.eos_ids
         except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
             self._init_error = e
             ready.set()
@@ -86,11 +60,11 @@ class Engine:
 
     # ---- public API ----------------------------------------------------------------------------
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
-                 top_logprobs_num=0, stream=False):
+                 top_logprobs_num=0, stream=False, logprob_start_len=-1):
         """Blocking generation. One prompt gives a dict (a list when n > 1); a list gives a list."""
         if stream:
-            return self._generate_stream_sync(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
-        reqs, single = self._make_reqs(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+            return self._generate_stream_sync(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len)
+        reqs, single = self._make_reqs(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len)
         done = threading.Event()
         remaining = [len(reqs)]
         errors: list[BaseException] = []
@@ -113,11 +87,11 @@ class Engine:
         return results[0] if single else results
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
-                             top_logprobs_num=0, stream=False):
+                             top_logprobs_num=0, stream=False, logprob_start_len=-1):
         """Awaitable generation; with stream=True, an async iterator of incremental chunks."""
         if stream:
-            return self._stream(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
-        reqs, single = self._make_reqs(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+            return self._stream(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len)
+        reqs, single = self._make_reqs(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len)
         loop = asyncio.get_running_loop()
         futs = {r.rid: loop.create_future() for r in reqs}
 
@@ -163,7 +137,7 @@ class Engine:
         self.shutdown()
 
     # ---- requests --------------------------------------------------------------------------------
-    def _make_reqs(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num):
+    def _make_reqs(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len):
         if (prompt is None) == (input_ids is None):
             raise BadRequestError("pass exactly one of prompt or input_ids")
         if prompt is not None:
@@ -180,6 +154,8 @@ class Engine:
                     raise BadRequestError(f"input_ids: token ids must be ints in [0, {self.runner.vocab_size})")
         if not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
             raise BadRequestError(f"top_logprobs_num: must be an int >= 0, got {top_logprobs_num!r}")
+        if isinstance(logprob_start_len, bool) or not isinstance(logprob_start_len, int) or logprob_start_len < -1:
+            raise BadRequestError(f"logprob_start_len: must be an int >= -1, got {logprob_start_len!r}")
         per_prompt = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(ids_list)
         if len(per_prompt) != len(ids_list):
             raise BadRequestError("sampling_params: a list must have one entry per prompt")
@@ -189,7 +165,7 @@ class Engine:
             for i in range(params.n):
                 seed = None if params.seed is None else params.seed + i
                 req = Req(uuid.uuid4().hex, ids, params, return_logprob=return_logprob,
-                          top_logprobs_num=top_logprobs_num, seed=seed)
+                          top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len, seed=seed)
                 req.detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
                                                    params.spaces_between_special_tokens)
                 reqs.append(req)
@@ -216,11 +192,13 @@ class Engine:
         if req.return_logprob:
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in req.output_logprobs]
             meta["output_top_logprobs"] = [[[lp, t, None] for lp, t in top] for top in req.output_top_logprobs]
+            meta["input_token_logprobs"] = [[lp, t, None] for lp, t in req.input_logprobs]
+            meta["input_top_logprobs"] = [[[lp, t, None] for lp, t in top] for top in req.input_top_logprobs]
         return {"text": req.detok.text if req.detok else "", "output_ids": list(req.output_ids), "meta_info": meta}
 
     # ---- streaming ---------------------------------------------------------------------------
-    async def _stream(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num) -> AsyncIterator[dict]:
-        reqs, _ = self._make_reqs(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num)
+    async def _stream(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len) -> AsyncIterator[dict]:
+        reqs, _ = self._make_reqs(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len)
         if len(reqs) != 1:
             raise BadRequestError("stream=True takes one prompt with n = 1")
         req = reqs[0]
@@ -251,7 +229,7 @@ class Engine:
         q: queue.SimpleQueue = queue.SimpleQueue()
 
         async def pump():
-            async for chunk in await self.async_generate(*args, stream=True):
+            async for chunk in await self.async_generate(*args[:5], stream=True, logprob_start_len=args[5]):
                 q.put(chunk)
 
         def run():
@@ -269,35 +247,16 @@ class Engine:
 
     # ---- the loop thread ---------------------------------------------------------------------
     def _loop(self) -> None:
-        sched = self.scheduler
         while True:
-            if not self._drain(block=not sched.has_work()):
+            if not self._drain(block=not self.scheduler.has_work()):
                 break
-            try:
-                batch = sched.schedule()
-            except Exception as e:  # noqa: BLE001 - a scheduler bug must not hang every caller
-                logger.exception("scheduling failed; aborting all requests")
-                for req in list(sched.waiting) + list(sched.running):
-                    sched.abort(req.rid)
-                    self._emit(req, True, e)
-                continue
-            if batch is None:
-                continue
-            try:
-                next_ids, so = self.runner.run(batch, self.sampler)
-                outs = sched.process(batch, next_ids, so.logprobs if so else None, so.top_logprobs if so else None)
-            except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
-                logger.exception("forward step failed")
-                for req in batch.reqs:
-                    if not req.finished:
-                        sched.abort(req.rid)
-                    self._emit(req, True, e)
-                continue
+            outs, failed = self.core.step()
+            for req, e in failed:
+                self._emit(req, True, e)
             for o in outs:
                 if o.finished or o.req.stream:
                     self._emit(o.req, o.finished, None)
-        for req in list(sched.waiting) + list(sched.running):
-            sched.abort(req.rid)
+        for req in self.core.abort_all():
             self._emit(req, True, RuntimeError("the engine shut down"))
 
     def _drain(self, block: bool) -> bool:

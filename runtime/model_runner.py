@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -47,7 +48,7 @@ class ModelRunner:
     def make_sampler(self, eos_ids: set[int]) -> Sampler:
         return Sampler(self.vocab_size, eos_ids, seed=self.args.random_seed)
 
-    def forward_batch(self, batch: ScheduleBatch) -> ForwardBatch:
+    def forward_batch(self, batch: ScheduleBatch) -> tuple[ForwardBatch, list[PromptLogprobRows]]:
         ids, pos, starts, slots_ext, logit_idx = [], [], [], [], []
         table = self.req_pool.table
         t = 0
@@ -59,6 +60,9 @@ class ModelRunner:
             t += n
             if samples:
                 logit_idx.append(t - 1)
+        prompt_rows = self._prompt_logprob_rows(batch, starts, len(logit_idx))
+        for pr in prompt_rows:
+            logit_idx.extend(pr.token_idx)
         rows = [r.row for r in batch.reqs]
         ends = [p + n for p, n in zip(batch.prefix_lens, batch.extend_lens)]
         out_slots = torch.cat([table[r, p:e] for r, p, e in zip(rows, batch.prefix_lens, ends)])
@@ -90,7 +94,26 @@ class ModelRunner:
             decode_mask=decode_mask,
             logit_idx=torch.tensor(logit_idx, dtype=torch.int64),
             decode_prefix_slots=prefix_slots,
-        )
+        ), prompt_rows
+
+    @staticmethod
+    def _prompt_logprob_rows(batch: ScheduleBatch, starts: list[int], first_row: int) -> list["PromptLogprobRows"]:
+        """Which extra logits rows this step must return for prompt logprobs: the logits at
+        position q score prompt token q + 1."""
+        out, row = [], first_row
+        for i in range(len(batch.reqs) - batch.num_decode):
+            req, p, n = batch.reqs[i], batch.prefix_lens[i], batch.extend_lens[i]
+            owed = req.input_logprob_start
+            if owed is None:
+                continue
+            lo, hi = max(owed - 1, p), min(p + n, len(req.prompt_ids) - 1)
+            if hi <= lo and owed != 0:
+                continue
+            pr = PromptLogprobRows(i, first_none=owed == 0, targets=req.prompt_ids[lo + 1 : hi + 1],
+                                   token_idx=[starts[i] + q - p for q in range(lo, hi)], rows=(row, row + max(hi - lo, 0)))
+            row += max(hi - lo, 0)
+            out.append(pr)
+        return out
 
     def _shared_prefix_len(self, rows: torch.Tensor, min_len: int) -> int:
         """Slots shared by every decoding request (a common cached prefix), when worth a cascade."""
@@ -103,8 +126,10 @@ class ModelRunner:
 
     def run(self, batch: ScheduleBatch, sampler: Sampler) -> tuple[list[int | None], SampleOutput | None]:
         """Forward one step; return the sampled token per request (None where it only prefilled)."""
-        fb = self.forward_batch(batch)
+        fb, prompt_rows = self.forward_batch(batch)
         logits = self.model.forward(fb, self.attn)
+        if prompt_rows:
+            self._record_prompt_logprobs(batch, logits, prompt_rows)
         sampling = [i for i, s in enumerate(batch.samples) if s and batch.reqs[i].params.max_new_tokens > 0]
         next_ids: list[int | None] = [None] * len(batch.reqs)
         if not sampling:
@@ -122,3 +147,33 @@ class ModelRunner:
             next_ids[i] = out.next_ids[j]
             full_lp[i], full_top[i] = out.logprobs[j], out.top_logprobs[j]
         return next_ids, SampleOutput(next_ids, full_lp, full_top)
+
+    @staticmethod
+    def _record_prompt_logprobs(batch: ScheduleBatch, logits: torch.Tensor, prompt_rows) -> None:
+        for pr in prompt_rows:
+            req = batch.reqs[pr.batch_index]
+            if pr.first_none:
+                req.input_logprobs.append((None, req.prompt_ids[0]))
+                req.input_top_logprobs.append([])
+            if not pr.targets:
+                continue
+            logp = torch.log_softmax(logits[pr.rows[0] : pr.rows[1]], dim=-1)
+            chosen = logp.gather(1, torch.tensor(pr.targets).unsqueeze(1)).squeeze(1).tolist()
+            req.input_logprobs.extend(zip(chosen, pr.targets))
+            k = req.top_logprobs_num
+            if k > 0:
+                tv, ti = logp.topk(k, dim=-1)
+                req.input_top_logprobs.extend([list(zip(v, t)) for v, t in zip(tv.tolist(), ti.tolist())])
+            else:
+                req.input_top_logprobs.extend([] for _ in chosen)
+
+
+@dataclass
+class PromptLogprobRows:
+    """The logits rows of one request's prompt logprobs in this step."""
+
+    batch_index: int
+    first_none: bool  # the prompt's first token has no logprob: record it as None
+    targets: list[int]  # the prompt tokens these rows score
+    token_idx: list[int]  # their positions among the step's tokens
+    rows: tuple[int, int]  # their rows in the returned logits

@@ -26,6 +26,7 @@ class Req:
     params: SamplingParams
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # first prompt token with a returned logprob; -1: the last one
     seed: int | None = None  # the per-request seed (n > 1 copies get seed + i)
     stream: bool = False
 
@@ -39,6 +40,8 @@ class Req:
     finish_reason: dict | None = None
     output_logprobs: list = field(default_factory=list)  # (logprob, token_id)
     output_top_logprobs: list = field(default_factory=list)
+    input_logprobs: list = field(default_factory=list)  # (logprob or None, token_id) per prompt token
+    input_top_logprobs: list = field(default_factory=list)
     detok: IncrementalDetokenizer | None = None
     generator: torch.Generator | None = None
     created: float = field(default_factory=time.perf_counter)
@@ -47,6 +50,15 @@ class Req:
     def __post_init__(self):
         if self.seed is not None:
             self.generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def input_logprob_start(self) -> int | None:
+        """The first prompt position whose logprob is still owed, or None when none is."""
+        if not self.return_logprob:
+            return None
+        n = len(self.prompt_ids)
+        start = n - 1 if self.logprob_start_len < 0 else min(self.logprob_start_len, n - 1)
+        return None if len(self.input_logprobs) >= n - start else start + len(self.input_logprobs)
 
     @property
     def all_ids(self) -> list[int]:

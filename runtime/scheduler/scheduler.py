@@ -190,6 +190,9 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.max_running or self.req_pool.available() == 0:
                 break
             ids = req.all_ids[: req.seq_len - 1]
+            owed = req.input_logprob_start
+            if owed is not None:  # prompt logprobs need the logits before that token: recompute them
+                ids = ids[: max(owed - 1, 0)]
             slots, node = self.tree.match_prefix(ids)
             if not self.tree.disable:
                 shared = len(in_batch.match_prefix(ids)[0])
