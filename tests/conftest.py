@@ -90,3 +90,79 @@ def assert_pool_clean(engine) -> None:
     assert int(pool.allocator.is_free.sum()) == pool.available()
     assert tree.evictable_size == tree.total_size()
     assert engine.runner.req_pool.available() == engine.runner.req_pool.max_requests
+
+
+# ---- a live server ------------------------------------------------------------------------------
+API_KEY = "test-key"
+
+
+class LiveServer:
+    """A server subprocess on a free loopback port; `url` once /health answers 200."""
+
+    def __init__(self, *args: str, log_path: str):
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "arborlm.runtime.launch_server", "--port", str(self.port),
+                                      "--log-level", "warning", *args], stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_healthy(self, timeout: float = 240) -> "LiveServer":
+        import time
+
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{open(self.log_path).read()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not healthy in {timeout}s:\n{open(self.log_path).read()[-3000:]}")
+
+    def children(self) -> list[int]:
+        return children_of(self.proc.pid)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def children_of(pid: int) -> list[int]:
+    """Live processes whose parent is pid (from /proc, Linux)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d))
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(real_model_dir, tmp_path_factory):
+    """The real model served in float32 with an API key (the same settings as the `engine` fixture)."""
+    srv = LiveServer("--dtype", "float32", "--max-total-tokens", "16384", "--max-running-requests", "128",
+                     "--api-key", API_KEY, log_path=str(tmp_path_factory.mktemp("server") / "server.log"))
+    try:
+        yield srv.wait_healthy()
+    finally:
+        srv.stop()

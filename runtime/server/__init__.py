@@ -1,0 +1,1 @@
+"""The HTTP server: tokenizer manager (HTTP process), scheduler process, detokenizer process."""

@@ -1,0 +1,61 @@
+"""ServerArgs: EngineArgs plus the HTTP settings, and the command line built from its fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from arborlm.runtime.config import EngineArgs
+
+
+@dataclass
+class ServerArgs(EngineArgs):
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 30000
+    api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer <key>`
+    served_model_name: str | None = None  # the name /v1/models lists; None: the model folder's name
+    max_request_bytes: int = 8 << 20  # larger request bodies get 413
+    log_level: str = "info"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+
+    def engine_args(self) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(EngineArgs)}
+        return EngineArgs(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+    def model_name(self, model_dir: str) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model_path is None:  # the embedded model
+            from arborlm.runtime.model.loader import EMBEDDED_GGUF
+
+            return EMBEDDED_GGUF.split(".")[0]
+        return os.path.basename(os.path.normpath(self.model_path))
+
+    @classmethod
+    def parser(cls) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog="arborlm serve", description="Serve a model over HTTP.")
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kind = str(f.type)
+            if kind == "bool":
+                p.add_argument(flag, action="store_true", default=f.default)
+            else:
+                conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+                p.add_argument(flag, type=conv, default=f.default)
+        return p
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None) -> "ServerArgs":
+        ns = cls.parser().parse_args(argv)
+        try:
+            return cls(**vars(ns))
+        except ValueError as e:
+            cls.parser().error(str(e))

@@ -1,0 +1,151 @@
+"""SGLang's native API: POST /generate (single or batched, streaming or not, prompt logprobs)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from arborlm.runtime.errors import BadRequestError
+from arborlm.runtime.sampling.params import SamplingParams
+from arborlm.runtime.server.tokenizer_manager import ReqState, TokenizerManager
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    stream: bool = False
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0
+    return_text_in_logprobs: bool = False
+    rid: str | list[str] | None = None
+
+
+class SubRequest:
+    """One prompt x one of its n samples, ready for the tokenizer manager."""
+
+    def __init__(self, index, ids, params, return_logprob, logprob_start_len, top_logprobs_num, rid):
+        self.index, self.ids, self.params, self.rid = index, ids, params, rid
+        self.return_logprob, self.logprob_start_len, self.top_logprobs_num = return_logprob, logprob_start_len, top_logprobs_num
+
+    def run(self, tm: TokenizerManager):
+        return tm.generate(self.ids, self.params, self.return_logprob, self.logprob_start_len,
+                           self.top_logprobs_num, rid=self.rid)
+
+
+def _per_prompt(value, n: int, name: str) -> list:
+    if isinstance(value, list):
+        if len(value) != n:
+            raise BadRequestError(f"{name}: a list must have one entry per prompt ({n}), got {len(value)}")
+        return value
+    return [value] * n
+
+
+def expand(req: GenerateRequest, tm: TokenizerManager) -> tuple[list[SubRequest], bool]:
+    """Split a /generate body into sub-requests; returns them and whether the answer is a single dict."""
+    if (req.text is None) == (req.input_ids is None):
+        raise BadRequestError("text / input_ids: pass exactly one of them")
+    if req.text is not None:
+        single = isinstance(req.text, str)
+        texts = [req.text] if single else req.text
+        if not texts:
+            raise BadRequestError("text: the list is empty")
+        ids_list = [tm.encode(t) for t in texts]
+    else:
+        single = not req.input_ids or isinstance(req.input_ids[0], int)
+        ids_list = [req.input_ids] if single else req.input_ids
+    n = len(ids_list)
+    sps = _per_prompt(req.sampling_params, n, "sampling_params")
+    lps = _per_prompt(req.return_logprob, n, "return_logprob")
+    starts = _per_prompt(req.logprob_start_len, n, "logprob_start_len")
+    tops = _per_prompt(req.top_logprobs_num, n, "top_logprobs_num")
+    rids = _per_prompt(req.rid, n, "rid") if isinstance(req.rid, list) else [req.rid] * n if single else [None] * n
+    subs = []
+    for i, ids in enumerate(ids_list):
+        params = SamplingParams.from_dict(sps[i])
+        tm.check_ids(ids, params, "text" if req.text is not None else "input_ids")
+        if not isinstance(starts[i], int) or starts[i] < -1:
+            raise BadRequestError(f"logprob_start_len: must be >= -1, got {starts[i]!r}")
+        if not isinstance(tops[i], int) or tops[i] < 0:
+            raise BadRequestError(f"top_logprobs_num: must be >= 0, got {tops[i]!r}")
+        for j in range(params.n):
+            p = params if params.n == 1 else _copy_for_sample(params, j)
+            rid = rids[i] if params.n == 1 or rids[i] is None else f"{rids[i]}-{j}"
+            subs.append(SubRequest(len(subs), ids, p, lps[i], starts[i], tops[i], rid))
+    return subs, single and len(subs) == 1
+
+
+def _copy_for_sample(params: SamplingParams, j: int) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + j)
+
+
+def logprob_entries(tm: TokenizerManager, pairs, with_text: bool) -> list:
+    texts = tm.token_texts([t for _, t in pairs]) if with_text else [None] * len(pairs)
+    return [[lp, t, s] for (lp, t), s in zip(pairs, texts)]
+
+
+def meta_info(tm: TokenizerManager, st: ReqState, sub: SubRequest, with_text: bool) -> dict:
+    meta = {
+        "id": st.rid,
+        "finish_reason": st.finish_reason,
+        "prompt_tokens": st.prompt_tokens,
+        "completion_tokens": len(st.output_ids),
+        "cached_tokens": st.cached_tokens,
+        "e2e_latency": st.e2e_latency,
+    }
+    if sub.return_logprob:
+        meta["input_token_logprobs"] = logprob_entries(tm, st.input_logprobs, with_text)
+        meta["output_token_logprobs"] = logprob_entries(tm, st.output_logprobs, with_text)
+        meta["input_top_logprobs"] = [logprob_entries(tm, top, with_text) for top in st.input_top_logprobs]
+        meta["output_top_logprobs"] = [logprob_entries(tm, top, with_text) for top in st.output_top_logprobs]
+    return meta
+
+
+def result(tm: TokenizerManager, st: ReqState, sub: SubRequest, with_text: bool) -> dict:
+    return {"text": st.text, "output_ids": list(st.output_ids), "meta_info": meta_info(tm, st, sub, with_text)}
+
+
+async def run_all(tm: TokenizerManager, subs: list[SubRequest], with_text: bool) -> list[dict]:
+    async def one(sub):
+        return result(tm, await tm.generate_final(sub.ids, sub.params, sub.return_logprob, sub.logprob_start_len,
+                                                  sub.top_logprobs_num, rid=sub.rid), sub, with_text)
+
+    return list(await asyncio.gather(*(one(s) for s in subs)))
+
+
+async def stream_all(subs: list[SubRequest], tm: TokenizerManager):
+    """Yield (sub, state) from all sub-requests as updates arrive; cancels the rest on exit."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(sub):
+        try:
+            async for st in sub.run(tm):
+                await queue.put((sub, st))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((sub, e))
+        finally:
+            await queue.put((sub, done))
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in subs]
+    try:
+        left = len(tasks)
+        while left:
+            sub, item = await queue.get()
+            if item is done:
+                left -= 1
+                continue
+            if isinstance(item, Exception):
+                raise item
+            yield sub, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,249 @@
+"""The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions.
+
+Requests become the same SamplingParams as /generate; unknown extra fields are ignored, as the
+OpenAI API does, while fields we cannot honour (tools, logit_bias, suffix, best_of) get a 400.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from arborlm.runtime.errors import BadRequestError
+from arborlm.runtime.sampling.params import SamplingParams
+from arborlm.runtime.server.native_api import SubRequest, _copy_for_sample
+from arborlm.runtime.server.tokenizer_manager import ReqState, TokenizerManager
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # extensions, as in SGLang and vLLM
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+
+    def sampling_dict(self, max_tokens: int | None) -> dict:
+        if self.logit_bias:
+            raise BadRequestError("logit_bias: not supported")
+        d = {
+            "max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "stop": self.stop, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "seed": self.seed, "top_k": self.top_k,
+            "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
+            "min_new_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
+            "stop_token_ids": self.stop_token_ids, "skip_special_tokens": self.skip_special_tokens,
+            "regex": self.regex, "ebnf": self.ebnf,
+        }
+        return {k: v for k, v in d.items() if v is not None}
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+
+
+def usage(states: list[ReqState], prompt_states: list[ReqState] | None = None) -> dict:
+    # prompt tokens count once per prompt, not once per sample
+    prompts = prompt_states if prompt_states is not None else states
+    p = sum(s.prompt_tokens for s in prompts)
+    c = sum(len(s.output_ids) for s in states)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": sum(s.cached_tokens for s in prompts)}}
+
+
+def finish_reason(st: ReqState) -> str | None:
+    return st.finish_reason["type"] if st.finish_reason else None
+
+
+def _samples(ids: list[int], params: SamplingParams, first_index: int, want_logprobs: bool, top: int) -> list[SubRequest]:
+    return [SubRequest(first_index + j, ids, params if params.n == 1 else _copy_for_sample(params, j),
+                       want_logprobs, -1, top, None) for j in range(params.n)]
+
+
+# ---- completions ---------------------------------------------------------------------------------
+def completion_subs(req: CompletionRequest, tm: TokenizerManager) -> list[SubRequest]:
+    if req.suffix:
+        raise BadRequestError("suffix: not supported")
+    if req.best_of is not None and req.best_of != req.n:
+        raise BadRequestError("best_of: only best_of == n is supported")
+    p = req.prompt
+    if isinstance(p, str):
+        prompts = [tm.encode(p)]
+    elif p and all(isinstance(x, str) for x in p):
+        prompts = [tm.encode(x) for x in p]
+    elif p and all(isinstance(x, int) for x in p):
+        prompts = [list(p)]
+    elif p and all(isinstance(x, list) for x in p):
+        prompts = [list(x) for x in p]
+    else:
+        raise BadRequestError("prompt: must be a non-empty string, list of strings, or token ids")
+    subs = []
+    for ids in prompts:
+        sp = req.sampling_dict(req.max_tokens)
+        sp["n"] = req.n
+        params = SamplingParams.from_dict(sp)
+        tm.check_ids(ids, params, "prompt")
+        subs += _samples(ids, params, len(subs), req.logprobs is not None, req.logprobs or 0)
+    return subs
+
+
+def completion_logprobs(tm: TokenizerManager, st: ReqState, text_offset0: int) -> dict:
+    tokens = tm.token_texts(st.output_ids)
+    offsets, off = [], text_offset0
+    for t in tokens:
+        offsets.append(off)
+        off += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for lp, _ in st.output_logprobs],
+        "top_logprobs": [{tm.token_texts([t])[0]: lp for lp, t in top} for top in st.output_top_logprobs],
+        "text_offset": offsets,
+    }
+
+
+def completion_response(req: CompletionRequest, tm, subs, states, rid, created, model) -> dict:
+    choices = []
+    for sub, st in zip(subs, states):
+        prefix = tm.tokenizer.decode(sub.ids) if req.echo else ""
+        choices.append({
+            "index": sub.index, "text": prefix + st.text,
+            "logprobs": completion_logprobs(tm, st, len(prefix)) if req.logprobs is not None else None,
+            "finish_reason": finish_reason(st),
+        })
+    firsts = [st for sub, st in zip(subs, states) if sub.index % req.n == 0]
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage(states, firsts)}
+
+
+def completion_chunk(rid, created, model, index, text, reason=None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+
+
+# ---- chat ----------------------------------------------------------------------------------------
+def chat_messages(req: ChatCompletionRequest) -> list[dict]:
+    msgs = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise BadRequestError(f"messages.{i}.content: only text parts are supported")
+                parts.append(part["text"])
+            content = "".join(parts)
+        msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    return msgs
+
+
+def chat_subs(req: ChatCompletionRequest, tm: TokenizerManager) -> list[SubRequest]:
+    if req.tools:
+        raise BadRequestError("tools: tool calling is not supported")
+    ids = tm.apply_chat_template(chat_messages(req))
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if max_tokens is None:  # as OpenAI: up to the end of the context
+        max_tokens = max(tm.context_length - len(ids), 1)
+    sp = req.sampling_dict(max_tokens)
+    sp["n"] = req.n
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        sp["json_schema"] = json.dumps({"type": "object"})
+    elif rf is not None and rf.type == "json_schema":
+        spec = rf.json_schema or {}
+        if not isinstance(spec.get("schema"), dict):
+            raise BadRequestError("response_format.json_schema.schema: a JSON Schema object is required")
+        sp["json_schema"] = json.dumps(spec["schema"])
+    params = SamplingParams.from_dict(sp)
+    tm.check_ids(ids, params, "messages")
+    top = req.top_logprobs or 0
+    if top and not req.logprobs:
+        raise BadRequestError("top_logprobs: requires logprobs = true")
+    return _samples(ids, params, 0, req.logprobs, top)
+
+
+def _lp_entry(tm, lp, tok) -> dict:
+    text = tm.token_texts([tok])[0]
+    return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(tm: TokenizerManager, pairs, tops) -> dict:
+    content = []
+    for (lp, tok), top in zip(pairs, tops):
+        entry = _lp_entry(tm, lp, tok)
+        entry["top_logprobs"] = [_lp_entry(tm, v, t) for v, t in top]
+        content.append(entry)
+    return {"content": content}
+
+
+def chat_response(req: ChatCompletionRequest, tm, subs, states, rid, created, model) -> dict:
+    choices = [{
+        "index": sub.index,
+        "message": {"role": "assistant", "content": st.text},
+        "logprobs": chat_logprobs(tm, st.output_logprobs, st.output_top_logprobs) if req.logprobs else None,
+        "finish_reason": finish_reason(st),
+    } for sub, st in zip(subs, states)]
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": usage(states, states[:1])}
+
+
+def chat_chunk(rid, created, model, index, delta: dict, reason=None, logprobs=None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+
+
+def new_id(prefix: str) -> tuple[str, int]:
+    return f"{prefix}-{uuid.uuid4().hex}", int(time.time())

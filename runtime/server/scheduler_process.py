@@ -1,0 +1,142 @@
+"""The scheduler process: owns the model, the KV pool and the radix cache, runs continuous batching
+on its main thread, and sends every step's new tokens to the detokenizer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+
+import zmq
+
+from arborlm.runtime.config import EngineArgs
+from arborlm.runtime.detokenizer import IncrementalDetokenizer
+from arborlm.runtime.engine_core import EngineCore
+from arborlm.runtime.errors import BadRequestError
+from arborlm.runtime.scheduler.req import Req
+from arborlm.runtime.server import io_struct as io
+from arborlm.runtime.server.procutil import Endpoints, init_child, parent_alive
+
+logger = logging.getLogger(__name__)
+
+THROUGHPUT_WINDOW_S = 10.0
+
+
+class SchedulerProcess:
+    def __init__(self, core: EngineCore, endpoints: Endpoints):
+        self.core = core
+        self.sched = core.scheduler
+        ctx = zmq.Context()
+        self.recv = ctx.socket(zmq.PULL)
+        self.recv.bind(endpoints.scheduler)
+        self.send = ctx.socket(zmq.PUSH)
+        self.send.connect(endpoints.detokenizer)
+        self.sent: dict[str, list[int]] = {}  # rid -> [output ids, output logprobs, input logprobs] already sent
+        self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) per step, for throughput
+        self.generated_tokens = 0
+
+    def serve(self, ppid: int) -> None:
+        while True:
+            if not self.sched.has_work() and not self.recv.poll(1000):
+                if not parent_alive(ppid):
+                    return
+                continue
+            while True:
+                try:
+                    self.handle(self.recv.recv_pyobj(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            outs, failed = self.core.step()
+            items = [self.error_out(req.rid, f"{type(e).__name__}: {e}", 500) for req, e in failed]
+            n_new = 0
+            for o in outs:
+                items.append(self.token_out(o.req))
+                n_new += len(o.new_ids)
+            if n_new:
+                self.generated_tokens += n_new
+                self.recent.append((time.monotonic(), n_new))
+            if items:
+                self.send.send_pyobj(io.BatchTokenOut(items))
+
+    def handle(self, msg) -> None:
+        if isinstance(msg, io.GenerateReq):
+            req = Req(msg.rid, msg.input_ids, msg.params, return_logprob=msg.return_logprob,
+                      top_logprobs_num=msg.top_logprobs_num, logprob_start_len=msg.logprob_start_len,
+                      seed=msg.params.seed)
+            if msg.params.stop:  # stop strings are matched here, on the scheduler's own text
+                req.detok = IncrementalDetokenizer(self.core.tokenizer, msg.params.skip_special_tokens,
+                                                   msg.params.spaces_between_special_tokens)
+            try:
+                self.sched.add_request(req)
+            except BadRequestError as e:
+                self.send.send_pyobj(io.BatchTokenOut([self.error_out(msg.rid, str(e), 400)]))
+                return
+            self.sent[req.rid] = [0, 0, 0]
+        elif isinstance(msg, io.AbortReq):
+            req = self.sched.abort(msg.rid)
+            if req is not None:
+                self.send.send_pyobj(io.BatchTokenOut([self.token_out(req)]))
+        elif isinstance(msg, io.FlushCacheReq):
+            self.send.send_pyobj(io.Reply(msg.reply_id, self.sched.flush_cache()))
+        elif isinstance(msg, io.StatsReq):
+            self.send.send_pyobj(io.Reply(msg.reply_id, self.stats()))
+        else:
+            logger.error("unknown message %r", type(msg))
+
+    def token_out(self, req: Req) -> io.TokenOut:
+        sent = self.sent.get(req.rid, [0, 0, 0])
+        first = sent == [0, 0, 0]
+        new_ids = req.output_ids[sent[0]:]
+        text_ids = new_ids
+        reason = req.finish_reason
+        if reason and reason["type"] == "stop" and isinstance(reason.get("matched"), int) and not req.params.no_stop_trim:
+            text_ids = new_ids[:-1]  # the matched stop token stays out of the text
+        text_len = None
+        if reason and reason["type"] == "stop" and isinstance(reason.get("matched"), str) and req.detok is not None:
+            text_len = len(req.detok.text)
+        out = io.TokenOut(
+            rid=req.rid, new_ids=new_ids, text_ids=text_ids, finished=req.finished, finish_reason=reason,
+            text_len=text_len, prompt_tokens=len(req.prompt_ids), cached_tokens=req.cached_tokens,
+            output_logprobs=req.output_logprobs[sent[1]:], output_top_logprobs=req.output_top_logprobs[sent[1]:],
+            input_logprobs=req.input_logprobs[sent[2]:], input_top_logprobs=req.input_top_logprobs[sent[2]:],
+            detok_opts=(req.params.skip_special_tokens, req.params.spaces_between_special_tokens,
+                        max((len(s) for s in req.params.stop), default=1) - 1) if first else None,
+        )
+        if req.finished:
+            self.sent.pop(req.rid, None)
+        else:
+            self.sent[req.rid] = [len(req.output_ids), len(req.output_logprobs), len(req.input_logprobs)]
+        return out
+
+    def error_out(self, rid: str, message: str, status: int) -> io.TokenOut:
+        self.sent.pop(rid, None)
+        return io.TokenOut(rid=rid, new_ids=[], text_ids=[], finished=True, finish_reason={"type": "abort"},
+                           error=message, error_status=status)
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        while self.recent and now - self.recent[0][0] > THROUGHPUT_WINDOW_S:
+            self.recent.popleft()
+        c = self.sched.counters()
+        c["gen_throughput"] = sum(n for _, n in self.recent) / THROUGHPUT_WINDOW_S
+        c["generated_tokens"] = self.generated_tokens
+        c["free_request_rows"] = self.core.runner.req_pool.available()
+        c["max_running_requests"] = self.core.runner.req_pool.max_requests
+        return c
+
+
+def run_scheduler_process(args: EngineArgs, endpoints: Endpoints, ready, log_level: str = "info") -> None:
+    ppid = os.getppid()
+    init_child("scheduler", log_level)
+    try:
+        core = EngineCore(args)
+        proc = SchedulerProcess(core, endpoints)
+    except BaseException as e:  # noqa: BLE001 - reported to the launcher, which exits with it
+        logger.exception("scheduler failed to start")
+        ready.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    r = core.runner
+    ready.send(("ready", io.ReadyInfo(r.files.model_dir, r.files.tokenizer_dir, r.context_length,
+                                      r.vocab_size, r.kv_pool.size)))
+    proc.serve(ppid)
