@@ -50,3 +50,38 @@ def test_backend_choice(monkeypatch):
         make_attention_backend("triton", pool, 4, 2, 16)
     with pytest.raises(ValueError, match="attention_backend"):
         Engine(attention_backend="flash")
+
+
+@needs_cpu_kernels
+def test_triton_backend_matches_torch_on_a_mixed_batch():
+    """Two extends (one on a cached prefix) then three decodes in one step, as continuous batching mixes them."""
+    from arborlm.runtime.model.forward_batch import ForwardBatch
+    from arborlm.runtime.model.triton_attention import TritonAttentionBackend
+
+    torch.manual_seed(0)
+    H, Hkv, D = 4, 2, 16
+    prefix, new = [0, 9, 20, 5, 70], [6, 4, 1, 1, 1]  # the last three are decodes
+    ends = [p + n for p, n in zip(prefix, new)]
+    pool = TokenToKVPool(sum(ends), 1, Hkv, D, torch.float32)
+    pool.k_buffer.normal_()
+    pool.v_buffer.normal_()
+    table = torch.zeros(8, 128, dtype=torch.int64)
+    rows = torch.tensor([5, 0, 3, 7, 1])
+    slots = torch.randperm(sum(ends)) + 1
+    for r, e, at in zip(rows.tolist(), ends, torch.tensor([0, *ends[:-1]]).cumsum(0).tolist()):
+        table[r, :e] = slots[at : at + e]
+    T = sum(new)
+    q, k, v = torch.randn(T, H, D), torch.randn(T, Hkv, D), torch.randn(T, Hkv, D)
+    L = max(ends[2:])
+    valid = torch.arange(L) < torch.tensor(ends[2:]).unsqueeze(1)
+    batch = ForwardBatch(
+        input_ids=torch.zeros(T, dtype=torch.int64), positions=torch.zeros(T, dtype=torch.int64),
+        out_slots=torch.cat([table[r, p:e] for r, p, e in zip(rows.tolist(), prefix, ends)]),
+        extend_starts=[0, 6], extend_lens=new[:2], extend_prefix_lens=prefix[:2],
+        extend_slots=[None, table[rows[1], : ends[1]]], num_decode=3,
+        decode_slots=table[rows[2:], :L].masked_fill(~valid, 0), decode_mask=valid[:, None, None, :],
+        logit_idx=torch.arange(T), req_to_token=table, req_rows=rows, seq_lens=torch.tensor(ends),
+    )
+    ref = TorchAttentionBackend(pool, H, Hkv, D).forward(q, k, v, 0, batch)
+    out = TritonAttentionBackend(pool, H, Hkv, D).forward(q, k, v, 0, batch)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
