@@ -24,15 +24,15 @@ class EngineArgs:
     chunked_prefill_size: int = 8192  # prefill token budget of one step; longer prompts go in chunks
     disable_radix_cache: bool = False
     schedule_policy: str = "lpm"  # fcfs | lpm | dfs-weight
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # auto (triton on a GPU, else torch) | torch | triton
     random_seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.attention_backend != "torch":
-            raise ValueError(f"attention_backend: only 'torch' is available, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend: expected auto, torch or triton, got {self.attention_backend!r}")
         from arborlm.runtime.scheduler.policy import POLICIES
 
         if self.schedule_policy not in POLICIES:

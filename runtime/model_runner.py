@@ -12,7 +12,7 @@ import torch
 from arborlm.runtime.cache.memory_pool import ReqToTokenPool, TokenToKVPool
 from arborlm.runtime.config import EngineArgs
 from arborlm.runtime.model import loader
-from arborlm.runtime.model.attention import TorchAttentionBackend
+from arborlm.runtime.model.attention import make_attention_backend
 from arborlm.runtime.model.forward_batch import ForwardBatch
 from arborlm.runtime.model.llama import LlamaModel
 from arborlm.runtime.sampling.sampler import SampleOutput, Sampler, SampleRow
@@ -41,7 +41,7 @@ class ModelRunner:
         size = args.max_total_tokens or int(args.kv_cache_gb * (1 << 30)) // per_token
         self.kv_pool = TokenToKVPool(size, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype)
         self.req_pool = ReqToTokenPool(args.max_running_requests, self.context_length)
-        self.attn = TorchAttentionBackend(self.kv_pool, m.num_heads, m.num_kv_heads, m.head_dim)
+        self.attn = make_attention_backend(args.attention_backend, self.kv_pool, m.num_heads, m.num_kv_heads, m.head_dim)
         self.vocab_size = self.config.vocab_size
         logger.info("model loaded in %.1fs; KV pool %d tokens", time.perf_counter() - t0, size)
 
@@ -94,6 +94,9 @@ class ModelRunner:
             decode_mask=decode_mask,
             logit_idx=torch.tensor(logit_idx, dtype=torch.int64),
             decode_prefix_slots=prefix_slots,
+            req_to_token=table,
+            req_rows=torch.tensor(rows, dtype=torch.int64),
+            seq_lens=torch.tensor(ends, dtype=torch.int64),
         ), prompt_rows
 
     @staticmethod

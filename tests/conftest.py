@@ -8,6 +8,11 @@ import shutil
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton picks its CPU interpreter when a kernel is defined, so this must precede any import of
+    # arborlm.kernels by a test module.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from arborlm.runtime.model import loader
 
 

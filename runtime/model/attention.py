@@ -1,4 +1,5 @@
-"""Attention backends over the paged KV pool. `torch` is the portable (CPU) one.
+"""Attention backends over the paged KV pool. `torch` is the portable (CPU) one; `triton`
+(triton_attention.py) runs the kernels of arborlm.kernels.
 
 Interface: `forward(q, k, v, layer, batch)` with q [T, H, D], k/v [T, Hkv, D]; it writes k/v to
 the pool at `batch.out_slots` and returns [T, H * D].
@@ -11,6 +12,18 @@ import torch.nn.functional as F
 
 from arborlm.runtime.cache.memory_pool import TokenToKVPool
 from arborlm.runtime.model.forward_batch import ForwardBatch
+
+
+def make_attention_backend(name: str, kv_pool: TokenToKVPool, num_heads: int, num_kv_heads: int, head_dim: int):
+    """`auto` is `triton` when the pool lives on a GPU and `torch` otherwise. Triton is imported only
+    when chosen, so the CPU path does not pay for it."""
+    if name == "auto":
+        name = "triton" if kv_pool.k_buffer.is_cuda else "torch"
+    if name == "torch":
+        return TorchAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
+    from arborlm.runtime.model.triton_attention import TritonAttentionBackend
+
+    return TritonAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
 
 
 class TorchAttentionBackend:

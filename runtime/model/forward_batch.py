@@ -30,6 +30,11 @@ class ForwardBatch:
     # When all decodes share their first P slots (siblings of one cached prefix), those are read
     # once for the whole batch and decode_slots/decode_mask cover only the rest (cascade attention).
     decode_prefix_slots: torch.Tensor | None = None
+    # The same requests as rows of the request-to-token table, for backends that read the pool
+    # through it (Triton): the table, each request's row, and its length (prefix + new tokens).
+    req_to_token: torch.Tensor | None = None
+    req_rows: torch.Tensor | None = None  # [num requests]
+    seq_lens: torch.Tensor | None = None  # [num requests]
 
     @property
     def num_tokens(self) -> int:

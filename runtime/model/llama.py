@@ -50,6 +50,9 @@ class LlamaModel:
         self.inter = config.intermediate_size
         self._load(weights)
         self.cos, self.sin = rope_cos_sin(config, max_positions, self.dtype)
+        # The fused Triton layers of arborlm.kernels: None uses them on CUDA tensors only; True forces
+        # them (tests, under Triton's CPU interpreter); False keeps the torch ops.
+        self.fused_kernels: bool | None = None
 
     def _load(self, w: dict[str, torch.Tensor]) -> None:
         def take(name, cast=True):
@@ -95,11 +98,14 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, attn) -> torch.Tensor:
         """Return float32 logits [len(batch.logit_idx), vocab]."""
+        x = F.embedding(batch.input_ids, self.embed)
+        fused = x.is_cuda if self.fused_kernels is None else self.fused_kernels
+        if fused:
+            return self._forward_fused(batch, attn, x)
         T = batch.num_tokens
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos = self.cos[batch.positions].unsqueeze(1)
         sin = self.sin[batch.positions].unsqueeze(1)
-        x = F.embedding(batch.input_ids, self.embed)
         for i, L in enumerate(self.layers):
             h = self._norm(x, L["in_norm"])
             qkv = L["qkv"](h)
@@ -114,3 +120,24 @@ class LlamaModel:
         x = x[batch.logit_idx]
         x = self._norm(x, self.final_norm)
         return self.lm_head(x).float()
+
+    def _forward_fused(self, batch: ForwardBatch, attn, x: torch.Tensor) -> torch.Tensor:
+        """`forward` with the Triton kernels: each residual add rides in the next norm, RoPE rotates
+        q and k where they lie in the qkv output, and the MLP's activation is one pass."""
+        from arborlm.kernels import rmsnorm, rope, silu_and_mul
+
+        T = batch.num_tokens
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        h, residual = rmsnorm(x, self.layers[0]["in_norm"], self.eps), x
+        for i, L in enumerate(self.layers):
+            if i:
+                h, residual = rmsnorm(x, L["in_norm"], self.eps, residual=residual)
+            qkv = L["qkv"](h)
+            q, k = qkv[:, : H * D].view(T, H, D), qkv[:, H * D : (H + Hkv) * D].view(T, Hkv, D)
+            rope(q, k, self.cos, self.sin, batch.positions)
+            o = attn.forward(q, k, qkv[:, (H + Hkv) * D :].view(T, Hkv, D), i, batch)
+            h, residual = rmsnorm(L["o"](o), L["post_norm"], self.eps, residual=residual)
+            x = L["down"](silu_and_mul(L["gate_up"](h)))
+        idx = batch.logit_idx
+        h, _ = rmsnorm(x[idx], self.final_norm, self.eps, residual=residual[idx])
+        return self.lm_head(h).float()
