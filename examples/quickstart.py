@@ -1,4 +1,4 @@
-"""Offline generation with the embedded model (SmolLM2-135M-Instruct): `make run`."""
+"""Offline generation with the embedded model (SmolLM2-135M-Instruct): `make quickstart`."""
 
 import time
 
