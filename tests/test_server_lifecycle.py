@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import LiveServer, children_of
+from conftest import LiveServer
 
 
 def _alive(pid: int) -> bool:

@@ -15,8 +15,8 @@ import sys
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from arborlm.runtime.errors import ArborError, BadRequestError, UnsupportedError
@@ -193,11 +193,8 @@ def create_app(args: ServerArgs, tm: TokenizerManager, model_name: str) -> FastA
 
     @app.post("/abort_request")
     async def abort_request(request: Request):
-        body = await request.json()
-        rid = body.get("rid") if isinstance(body, dict) else None
-        if not isinstance(rid, str):
-            raise BadRequestError("rid: a request id string is required")
-        tm.abort(rid)
+        req = await parse_body(request, AbortRequest)
+        tm.abort(req.rid)
         return {"success": True}
 
     @app.get("/metrics")
@@ -321,6 +318,10 @@ def create_app(args: ServerArgs, tm: TokenizerManager, model_name: str) -> FastA
         yield SSE_DONE
 
     return app
+
+
+class AbortRequest(BaseModel):
+    rid: str
 
 
 def _param_of(message: str) -> str | None:
