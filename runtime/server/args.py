@@ -18,11 +18,14 @@ class ServerArgs(EngineArgs):
     served_model_name: str | None = None  # the name /v1/models lists; None: the model folder's name
     max_request_bytes: int = 8 << 20  # larger request bodies get 413
     log_level: str = "info"
+    stream_interval: int = 1  # a streamed request reports every this many tokens
 
     def __post_init__(self):
         super().__post_init__()
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
 

@@ -345,7 +345,8 @@ def launch_server(args: ServerArgs) -> int:
     sched_r, sched_w = ctx.Pipe(duplex=False)
     detok_r, detok_w = ctx.Pipe(duplex=False)
     procs = [
-        ctx.Process(target=run_scheduler_process, args=(args.engine_args(), endpoints, sched_w, args.log_level),
+        ctx.Process(target=run_scheduler_process, args=(args.engine_args(), endpoints, sched_w, args.log_level,
+                                                               args.stream_interval),
                     name="arborlm-scheduler", daemon=True),
         ctx.Process(target=run_detokenizer_process, args=(files.tokenizer_dir, endpoints, detok_w, args.log_level),
                     name="arborlm-detokenizer", daemon=True),

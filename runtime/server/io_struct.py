@@ -20,6 +20,7 @@ class GenerateReq:
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
+    stream: bool = False  # streamed requests report every --stream-interval tokens, others at the end
 
 
 @dataclass

@@ -35,7 +35,7 @@ class SubRequest:
 
     def run(self, tm: TokenizerManager):
         return tm.generate(self.ids, self.params, self.return_logprob, self.logprob_start_len,
-                           self.top_logprobs_num, rid=self.rid)
+                           self.top_logprobs_num, rid=self.rid, stream=True)
 
 
 def _per_prompt(value, n: int, name: str) -> list:

@@ -24,8 +24,9 @@ THROUGHPUT_WINDOW_S = 10.0
 
 
 class SchedulerProcess:
-    def __init__(self, core: EngineCore, endpoints: Endpoints):
+    def __init__(self, core: EngineCore, endpoints: Endpoints, stream_interval: int = 1):
         self.core = core
+        self.stream_interval = stream_interval
         self.sched = core.scheduler
         ctx = zmq.Context()
         self.recv = ctx.socket(zmq.PULL)
@@ -51,8 +52,9 @@ class SchedulerProcess:
             items = [self.error_out(req.rid, f"{type(e).__name__}: {e}", 500) for req, e in failed]
             n_new = 0
             for o in outs:
-                items.append(self.token_out(o.req))
                 n_new += len(o.new_ids)
+                if self.due(o.req):
+                    items.append(self.token_out(o.req))
             if n_new:
                 self.generated_tokens += n_new
                 self.recent.append((time.monotonic(), n_new))
@@ -63,7 +65,7 @@ class SchedulerProcess:
         if isinstance(msg, io.GenerateReq):
             req = Req(msg.rid, msg.input_ids, msg.params, return_logprob=msg.return_logprob,
                       top_logprobs_num=msg.top_logprobs_num, logprob_start_len=msg.logprob_start_len,
-                      seed=msg.params.seed)
+                      seed=msg.params.seed, stream=msg.stream)
             if msg.params.stop:  # stop strings are matched here, on the scheduler's own text
                 req.detok = IncrementalDetokenizer(self.core.tokenizer, msg.params.skip_special_tokens,
                                                    msg.params.spaces_between_special_tokens)
@@ -83,6 +85,14 @@ class SchedulerProcess:
             self.send.send_pyobj(io.Reply(msg.reply_id, self.stats()))
         else:
             logger.error("unknown message %r", type(msg))
+
+    def due(self, req: Req) -> bool:
+        """Report finished requests, every first token (for time-to-first-token), and streamed
+        requests every stream_interval tokens; the rest wait for the end (less work per step for
+        the detokenizer and the HTTP process, which share the cores with the model)."""
+        if req.finished or len(req.output_ids) == 1:
+            return True
+        return req.stream and len(req.output_ids) - self.sent.get(req.rid, [0])[0] >= self.stream_interval
 
     def token_out(self, req: Req) -> io.TokenOut:
         sent = self.sent.get(req.rid, [0, 0, 0])
@@ -126,12 +136,13 @@ class SchedulerProcess:
         return c
 
 
-def run_scheduler_process(args: EngineArgs, endpoints: Endpoints, ready, log_level: str = "info") -> None:
+def run_scheduler_process(args: EngineArgs, endpoints: Endpoints, ready, log_level: str = "info",
+                          stream_interval: int = 1) -> None:
     ppid = os.getppid()
     init_child("scheduler", log_level)
     try:
         core = EngineCore(args)
-        proc = SchedulerProcess(core, endpoints)
+        proc = SchedulerProcess(core, endpoints, stream_interval)
     except BaseException as e:  # noqa: BLE001 - reported to the launcher, which exits with it
         logger.exception("scheduler failed to start")
         ready.send(("error", f"{type(e).__name__}: {e}"))

@@ -101,7 +101,7 @@ class TokenizerManager:
     # ---- requests ----------------------------------------------------------------------------
     async def generate(self, ids: list[int], params: SamplingParams, return_logprob: bool = False,
                        logprob_start_len: int = -1, top_logprobs_num: int = 0,
-                       rid: str | None = None) -> AsyncIterator[ReqState]:
+                       rid: str | None = None, stream: bool = False) -> AsyncIterator[ReqState]:
         """Yield the request's state after every update; the last one has finished=True. Leaving
         early (a disconnect, a cancelled task) aborts the request in the scheduler."""
         if self.dead:
@@ -110,7 +110,8 @@ class TokenizerManager:
         if rid in self.states:
             raise BadRequestError(f"rid: a request with id {rid!r} is already running")
         state = self.states[rid] = ReqState(rid, len(ids))
-        self.send.send_pyobj(io.GenerateReq(rid, ids, params, return_logprob, logprob_start_len, top_logprobs_num))
+        self.send.send_pyobj(io.GenerateReq(rid, ids, params, return_logprob, logprob_start_len, top_logprobs_num,
+                                            stream))
         try:
             while True:
                 await state.event.wait()
