@@ -8,6 +8,7 @@ one Signal, which is how blocked readers on other threads or loops wake up."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,10 @@ class Executor:
         self.signal = Signal()
         self.submitted = 0  # commands queued (counted by the submitting thread) ...
         self.applied = 0  # ... and applied (counted by the loop): equal when the state is synced
+        # Variables a queued command will (re)assign: a read must wait for the new value, not
+        # return the old one (a loop reusing a name). Key None: a queued join (names unknown).
+        self.writes: dict[str | None, int] = {}
+        self._writes_lock = threading.Lock()  # updated by the submitting thread and by the loop
         self.children: list[Executor] = []
         self.fork_start: asyncio.Future | None = None  # set for fork children: the parent's snapshot
         self.fork_len = 0
@@ -87,10 +92,16 @@ class Executor:
 
     def submit(self, item) -> None:
         self.submitted += 1
+        with self._writes_lock:
+            for name in _writes(item):
+                self.writes[name] = self.writes.get(name, 0) + 1
         self.loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     def end(self) -> None:
         self.loop.call_soon_threadsafe(self._queue.put_nowait, _END)
+
+    def var_ready(self, name: str) -> bool:
+        return self.done or (name in self.variables and not self.writes.get(name) and not self.writes.get(None))
 
     def idle(self) -> bool:
         return self.done or self.applied >= self.submitted
@@ -113,6 +124,9 @@ class Executor:
             while (item := await self._queue.get()) is not _END:
                 await self._apply(item)
                 self.applied += 1
+                with self._writes_lock:
+                    for name in _writes(item):
+                        self.writes[name] -= 1
                 self.signal.notify()
         except asyncio.CancelledError:
             self.fail(ProgramError("the program was cancelled"))
@@ -256,6 +270,15 @@ class Executor:
             self.text += "".join(c.text[c.fork_len:] for c in cmd.children)
         else:
             raise ProgramError(f"join at {cmd.where}: unknown mode {cmd.mode!r}")
+
+
+def _writes(item) -> list:
+    if isinstance(item, JoinCmd):
+        return [None]
+    if isinstance(item, Cmd):
+        exprs = item.expr.items if isinstance(item.expr, ir.ExprList) else [item.expr]
+        return [e.name for e in exprs if isinstance(e, (ir.Gen, ir.Select, ir.VarScopeEnd)) and e.name]
+    return []
 
 
 def _describe(expr) -> str:

@@ -73,7 +73,7 @@ class ProgramState:
         self._ex.signal.wait_for(ready)
 
     def _var_ready(self, name: str):
-        return lambda: name in self._ex.variables or self._ex.done
+        return lambda: self._ex.var_ready(name)
 
     def _value(self, name: str, parsed: bool):
         if name not in self._ex.variables:

@@ -66,3 +66,17 @@ def test_json_schema_as_dict_or_string(backend, as_dict):
     state = json_gen.run(schema=schema if as_dict else json.dumps(schema), backend=backend, temperature=0)
     assert state.error() is None, state.error()
     assert set(state.get_var("city", parsed=True)) >= {"name", "population_millions", "is_capital"}
+
+
+def test_json_extraction_example(engine):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    try:
+        import json_extraction
+    finally:
+        sys.path.pop(0)
+    state = json_extraction.main(engine)
+    assert state.error() is None, state.error()
+    assert isinstance(state.get_var("person", parsed=True), json_extraction.Person)

@@ -203,3 +203,18 @@ def test_invalid_arguments_raise_at_once():
         sgl.select("x", [])
     with pytest.raises(TypeError, match="json_schema"):
         sgl.gen("x", json_schema=3)
+
+
+def test_reading_a_reassigned_variable_waits_for_the_new_value():
+    replies = iter(["1", "2", "3"])
+
+    @sgl.function
+    def prog(s):
+        seen = []
+        for _ in range(3):
+            s += sgl.gen("n", max_tokens=1)
+            seen.append(s["n"])
+        return seen
+
+    state = prog.run(backend=FakeBackend(reply=lambda p: next(replies), delay=0.01))
+    assert state.ret_value == ["1", "2", "3"]
