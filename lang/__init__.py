@@ -1,0 +1,32 @@
+"""arborlm's frontend language: SGLang's names, so `import arborlm.lang as sgl` runs SGLang programs."""
+
+from arborlm.lang.api import (assistant, assistant_begin, assistant_end, function, gen, gen_int, gen_string,
+                              select, system, system_begin, system_end, user, user_begin, user_end)
+from arborlm.lang.backend import set_default_backend
+from arborlm.lang.backend.base import Backend, BackendError
+from arborlm.lang.choices import (greedy_token_selection, token_length_normalized,
+                                  unconditional_likelihood_normalized)
+from arborlm.lang.interpreter import ProgramError
+from arborlm.lang.state import ForkGroup, ProgramState
+
+_LAZY = {  # these import torch or an HTTP client: only on first use
+    "Engine": ("arborlm.runtime", "Engine"),
+    "EngineBackend": ("arborlm.lang.backend.engine", "EngineBackend"),
+    "RuntimeEndpoint": ("arborlm.lang.backend.runtime_endpoint", "RuntimeEndpoint"),
+    "OpenAI": ("arborlm.lang.backend.openai", "OpenAI"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'arborlm.lang' has no attribute {name!r}")
+
+
+__all__ = ["function", "gen", "gen_int", "gen_string", "select", "system", "user", "assistant", "system_begin",
+           "system_end", "user_begin", "user_end", "assistant_begin", "assistant_end", "set_default_backend",
+           "Backend", "BackendError", "ProgramError", "ProgramState", "ForkGroup", "token_length_normalized",
+           "greedy_token_selection", "unconditional_likelihood_normalized", *_LAZY]

@@ -175,8 +175,17 @@ def create_app(args: ServerArgs, tm: TokenizerManager, model_name: str) -> FastA
 
     @app.get("/get_model_info")
     async def model_info():
+        tok = tm.tokenizer  # the chat template and special tokens let a remote DSL render roles itself
         return {"model_path": tm.info.model_dir, "tokenizer_path": tm.info.tokenizer_dir, "is_generation": True,
-                "served_model_name": model_name}
+                "served_model_name": model_name, "chat_template": tok.chat_template,
+                "bos_token": tok.bos_token, "eos_token": tok.eos_token}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = await parse_body(request, native_api.TokenizeRequest)
+        if isinstance(req.text, str):
+            return {"input_ids": tm.encode(req.text)}
+        return {"input_ids": [tm.encode(t) for t in req.text]}
 
     @app.get("/get_server_info")
     async def server_info():

@@ -26,6 +26,14 @@ class GenerateRequest(BaseModel):
     rid: str | list[str] | None = None
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: the ids /generate would use for `text` (a select needs its token boundaries)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | list[str]
+
+
 class SubRequest:
     """One prompt x one of its n samples, ready for the tokenizer manager."""
 

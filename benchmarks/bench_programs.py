@@ -1,0 +1,126 @@
+"""DSL programs on arborlm vs the same calls as independent requests to a cache-less server.
+
+(a) few-shot classification: 64 items via run_batch (a long shared few-shot prefix);
+(b) tree of thought: 3 branches x 3 sub-branches, 8 programs.
+The DSL runs against `arborlm serve`; the baseline sends the same prompts as independent /generate
+requests (all at once, like the DSL) to a server started with --disable-radix-cache.
+
+    .venv/bin/python benchmarks/bench_programs.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+
+import httpx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from conftest import LiveServer  # noqa: E402 - the tests' server launcher
+
+import arborlm.lang as sgl  # noqa: E402
+
+SHOTS = [(f"Review {i}: the product was {'great' if i % 2 else 'awful'} and I "
+          f"{'would' if i % 2 else 'would not'} buy it again because of reason number {i}.",
+          "positive" if i % 2 else "negative") for i in range(24)]
+FEWSHOT = "Classify each review.\n\n" + "".join(f"{t}\nLabel: {l}\n\n" for t, l in SHOTS)
+GREEDY = {"temperature": 0}
+
+
+@sgl.function
+def classify(s, review):
+    s += FEWSHOT + review + "\nLabel:" + sgl.gen("label", max_tokens=2)
+
+
+@sgl.function
+def tree(s, question, width=3, tokens=8):
+    s += "Question: " + question + "\nThink step by step.\n"
+    forks = s.fork(width)
+    forks += lambda i: f"Idea {i + 1}:" + sgl.gen("idea", max_tokens=tokens, stop="\n")
+    for f in forks:
+        sub = f.fork(width)
+        sub += lambda j: f"\nDetail {j + 1}:" + sgl.gen("detail", max_tokens=tokens, stop="\n")
+        sub.join()
+    forks.join()
+
+
+def reviews(n):
+    return [f"Review X{i}: it {'worked well' if i % 3 else 'stopped working'} after {i} days." for i in range(n)]
+
+
+async def post_all(client, prompts, max_new_tokens, stop=None):
+    sp = {"max_new_tokens": max_new_tokens, "temperature": 0, **({"stop": stop} if stop else {})}
+    outs = await asyncio.gather(*(client.post("/generate", json={"text": p, "sampling_params": sp}) for p in prompts))
+    return [o.json()["text"] for o in outs]
+
+
+async def baseline_fewshot(url, n):
+    async with httpx.AsyncClient(base_url=url, timeout=3600) as c:
+        await post_all(c, [FEWSHOT + r + "\nLabel:" for r in reviews(n)], 2)
+
+
+async def baseline_tree(url, questions, width=3, tokens=8):
+    """The tree's calls, level by level, each a full independent request."""
+    async with httpx.AsyncClient(base_url=url, timeout=3600) as c:
+        roots = [f"Question: {q}\nThink step by step.\n" for q in questions]
+        level1 = [r + f"Idea {i + 1}:" for r in roots for i in range(width)]
+        ideas = await post_all(c, level1, tokens, "\n")
+        level2 = [p + idea + f"\nDetail {j + 1}:" for p, idea in zip(level1, ideas) for j in range(width)]
+        await post_all(c, level2, tokens, "\n")
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--items", type=int, default=64)
+    ap.add_argument("--programs", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    questions = [f"How can a town of {1000 * (i + 1)} people save water?" for i in range(args.programs)]
+    results = {}
+    for name, extra in (("arborlm", []), ("no-cache", ["--disable-radix-cache"])):
+        srv = LiveServer("--dtype", args.dtype, *extra, log_path=f"/tmp/bench_programs_{name}.log").wait_healthy()
+        try:
+            if name == "arborlm":
+                backend = sgl.RuntimeEndpoint(srv.url)
+
+                def fewshot():
+                    requests = [{"review": r} for r in reviews(args.items)]
+                    classify.run_batch(requests, backend=backend, progress_bar=False, **GREEDY)
+
+                def tot():
+                    tree.run_batch([{"question": q} for q in questions], backend=backend, progress_bar=False, **GREEDY)
+            else:
+                def fewshot():
+                    asyncio.run(baseline_fewshot(srv.url, args.items))
+
+                def tot():
+                    asyncio.run(baseline_tree(srv.url, questions))
+            for task, fn, n in (("fewshot", fewshot, args.items), ("tree", tot, args.programs)):
+                times = []
+                for _ in range(args.repeats):
+                    httpx.post(srv.url + "/flush_cache")  # each repeat starts from a cold cache
+                    times.append(timed(fn))
+                results[(task, name)] = n / statistics.median(times)
+        finally:
+            srv.stop()
+    print(f"\n| workload | arborlm DSL (programs/s) | independent requests, no cache (programs/s) | ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    for task, label in (("fewshot", f"(a) few-shot classification, {args.items} items"),
+                        ("tree", f"(b) tree of thought 3x3, {args.programs} programs")):
+        a, b = results[(task, "arborlm")], results[(task, "no-cache")]
+        print(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
