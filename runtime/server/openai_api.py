@@ -49,6 +49,7 @@ class _Common(BaseModel):
     skip_special_tokens: bool | None = None
     regex: str | None = None
     ebnf: str | None = None
+    json_schema: str | dict[str, Any] | None = None
 
     def sampling_dict(self, max_tokens: int | None) -> dict:
         if self.logit_bias:
@@ -61,13 +62,14 @@ class _Common(BaseModel):
             "min_new_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
             "stop_token_ids": self.stop_token_ids, "skip_special_tokens": self.skip_special_tokens,
             "regex": self.regex, "ebnf": self.ebnf,
+            "json_schema": json.dumps(self.json_schema) if isinstance(self.json_schema, dict) else self.json_schema,
         }
         return {k: v for k, v in d.items() if v is not None}
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: prompt logprobs, nothing generated
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -109,9 +111,10 @@ def finish_reason(st: ReqState) -> str | None:
     return st.finish_reason["type"] if st.finish_reason else None
 
 
-def _samples(ids: list[int], params: SamplingParams, first_index: int, want_logprobs: bool, top: int) -> list[SubRequest]:
+def _samples(ids: list[int], params: SamplingParams, first_index: int, want_logprobs: bool, top: int,
+             logprob_start_len: int = -1) -> list[SubRequest]:
     return [SubRequest(first_index + j, ids, params if params.n == 1 else _copy_for_sample(params, j),
-                       want_logprobs, -1, top, None) for j in range(params.n)]
+                       want_logprobs, logprob_start_len, top, None) for j in range(params.n)]
 
 
 # ---- completions ---------------------------------------------------------------------------------
@@ -120,6 +123,9 @@ def completion_subs(req: CompletionRequest, tm: TokenizerManager) -> list[SubReq
         raise BadRequestError("suffix: not supported")
     if req.best_of is not None and req.best_of != req.n:
         raise BadRequestError("best_of: only best_of == n is supported")
+    if req.max_tokens == 0 and not req.echo:
+        raise BadRequestError("max_tokens: must be >= 1 (0 only with echo)")
+    prompt_logprobs = req.echo and req.logprobs is not None  # as the legacy API: echo scores the prompt
     p = req.prompt
     if isinstance(p, str):
         prompts = [tm.encode(p)]
@@ -137,20 +143,25 @@ def completion_subs(req: CompletionRequest, tm: TokenizerManager) -> list[SubReq
         sp["n"] = req.n
         params = SamplingParams.from_dict(sp)
         tm.check_ids(ids, params, "prompt")
-        subs += _samples(ids, params, len(subs), req.logprobs is not None, req.logprobs or 0)
+        subs += _samples(ids, params, len(subs), req.logprobs is not None, req.logprobs or 0,
+                         0 if prompt_logprobs else -1)
     return subs
 
 
-def completion_logprobs(tm: TokenizerManager, st: ReqState, text_offset0: int) -> dict:
-    tokens = tm.token_texts(st.output_ids)
-    offsets, off = [], text_offset0
+def completion_logprobs(tm: TokenizerManager, st: ReqState, with_prompt: bool) -> dict:
+    pairs, tops = list(st.output_logprobs), list(st.output_top_logprobs)
+    if with_prompt:  # echo: the prompt's tokens come first (the first one has no logprob)
+        pairs, tops = list(st.input_logprobs) + pairs, list(st.input_top_logprobs) + tops
+    tokens = tm.token_texts([t for _, t in pairs])
+    offsets, off = [], 0
     for t in tokens:
         offsets.append(off)
         off += len(t)
     return {
         "tokens": tokens,
-        "token_logprobs": [lp for lp, _ in st.output_logprobs],
-        "top_logprobs": [{tm.token_texts([t])[0]: lp for lp, t in top} for top in st.output_top_logprobs],
+        "token_logprobs": [lp for lp, _ in pairs],
+        "top_logprobs": [{tm.token_texts([t])[0]: lp for lp, t in top} if lp is not None else None
+                         for (lp, _), top in zip(pairs, tops)],
         "text_offset": offsets,
     }
 
@@ -161,7 +172,7 @@ def completion_response(req: CompletionRequest, tm, subs, states, rid, created, 
         prefix = tm.tokenizer.decode(sub.ids) if req.echo else ""
         choices.append({
             "index": sub.index, "text": prefix + st.text,
-            "logprobs": completion_logprobs(tm, st, len(prefix)) if req.logprobs is not None else None,
+            "logprobs": completion_logprobs(tm, st, req.echo) if req.logprobs is not None else None,
             "finish_reason": finish_reason(st),
         })
     firsts = [st for sub, st in zip(subs, states) if sub.index % req.n == 0]
