@@ -52,11 +52,11 @@ class TracingState:
 
         class _Block:
             def __enter__(self):
-                state += ir.RoleBegin(role)
+                state.__iadd__(ir.RoleBegin(role))
 
             def __exit__(self, *exc):
                 if exc[0] is None:
-                    state += ir.RoleEnd(role)
+                    state.__iadd__(ir.RoleEnd(role))
 
         return _Block()
 

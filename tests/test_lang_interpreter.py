@@ -218,3 +218,17 @@ def test_reading_a_reassigned_variable_waits_for_the_new_value():
 
     state = prog.run(backend=FakeBackend(reply=lambda p: next(replies), delay=0.01))
     assert state.ret_value == ["1", "2", "3"]
+
+
+def test_tracer_follows_role_blocks():
+    from arborlm.lang.tracer import constant_exprs
+
+    def prog(s, q):
+        with s.system():
+            s += "Be brief."
+        with s.user():
+            s += q
+
+    exprs = [e if isinstance(e, str) else (type(e).__name__, e.role) for e in constant_exprs(prog, ["q"])]
+    # it stops at the argument
+    assert exprs == [("RoleBegin", "system"), "Be brief.", ("RoleEnd", "system"), ("RoleBegin", "user")]
