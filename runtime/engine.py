@@ -17,6 +17,10 @@ from typing import Any, AsyncIterator, Callable
 
 from arborlm.runtime.cache.radix_cache import RadixCache
 from arborlm.runtime.config import EngineArgs
+from arborlm.runtime.constrained.base import GrammarSpec
+from arborlm.runtime.constrained.cache import GrammarCache
+from arborlm.runtime.constrained.factory import make_backend
+from arborlm.runtime.constrained.jump_forward import JumpForward
 from arborlm.runtime.detokenizer import IncrementalDetokenizer
 from arborlm.runtime.errors import BadRequestError
 from arborlm.runtime.model import loader
@@ -53,6 +57,7 @@ class Engine:
         self.args = EngineArgs.from_kwargs(model_path, **kwargs)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
+        self._compiling: dict[str, Req] = {}  # constrained requests whose grammar is compiling
         self._closed = False
         self._init_error: BaseException | None = None
         ready = threading.Event()
@@ -71,11 +76,15 @@ class Engine:
             self.tokenizer = loader.load_tokenizer(self.runner.files.tokenizer_dir)
             self.eos_ids = eos_token_ids(self.runner.config, self.tokenizer, self.runner.files.model_dir)
             self.sampler = self.runner.make_sampler(self.eos_ids)
+            eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else min(self.eos_ids)
+            self.grammars = GrammarCache(make_backend(self.args.grammar_backend, self.tokenizer, eos,
+                                                      self.runner.vocab_size))
+            self.jump_forward = JumpForward(self.tokenizer) if self.args.enable_jump_forward else None
             tree = RadixCache(self.runner.kv_pool.free, disable=self.args.disable_radix_cache)
             self.scheduler = Scheduler(self.runner.req_pool, self.runner.kv_pool, tree, SchedulerConfig(
                 context_length=self.runner.context_length, max_running_requests=self.args.max_running_requests,
                 chunked_prefill_size=self.args.chunked_prefill_size, schedule_policy=self.args.schedule_policy,
-                eos_ids=self.eos_ids,
+                eos_ids=self.eos_ids, jump_forward=self.jump_forward,
             ))
         except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
             self._init_error = e
@@ -155,6 +164,8 @@ class Engine:
             self._closed = True
             self._inbox.put(("stop", None))
             self._thread.join(timeout=30)
+            if hasattr(self, "grammars"):
+                self.grammars.shutdown()
 
     def __enter__(self):
         return self
@@ -186,12 +197,17 @@ class Engine:
         reqs = []
         for ids, sp in zip(ids_list, per_prompt):
             params = SamplingParams.from_dict(sp)
+            spec = GrammarSpec.from_params(params)
+            grammar = self.grammars.get(spec) if spec is not None else None
+            if grammar is not None and grammar.done() and grammar.exception() is not None:
+                raise grammar.exception()  # a spec already refused: no need to queue it
             for i in range(params.n):
                 seed = None if params.seed is None else params.seed + i
                 req = Req(uuid.uuid4().hex, ids, params, return_logprob=return_logprob,
                           top_logprobs_num=top_logprobs_num, seed=seed)
                 req.detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
                                                    params.spaces_between_special_tokens)
+                req.grammar_future = grammar
                 reqs.append(req)
         if single and reqs[0].params.n > 1:
             single = False
@@ -296,7 +312,7 @@ class Engine:
             for o in outs:
                 if o.finished or o.req.stream:
                     self._emit(o.req, o.finished, None)
-        for req in list(sched.waiting) + list(sched.running):
+        for req in list(sched.waiting) + list(sched.running) + list(self._compiling.values()):
             sched.abort(req.rid)
             self._emit(req, True, RuntimeError("the engine shut down"))
 
@@ -313,21 +329,37 @@ class Engine:
             if kind == "add":
                 for req in item[1]:
                     self._sinks[req.rid] = item[2]
-                    try:
-                        self.scheduler.add_request(req)
-                    except Exception as e:  # noqa: BLE001
-                        self._emit(req, True, e)
+                    fut = req.grammar_future
+                    if fut is None or fut.done():
+                        self._admit(req)
+                    else:  # wait off the loop: the compile thread wakes us when it is done
+                        self._compiling[req.rid] = req
+                        fut.add_done_callback(lambda f, r=req: self._inbox.put(("grammar", r)))
+            elif kind == "grammar":
+                if self._compiling.pop(item[1].rid, None) is not None:
+                    self._admit(item[1])
             elif kind == "call":  # run a function on the loop thread, which owns the scheduler
                 item[1]()
                 item[2].set()
             elif kind == "abort":
-                req = self.scheduler.abort(item[1])
+                req = self.scheduler.abort(item[1]) or self._compiling.pop(item[1], None)
                 if req is not None:
+                    req.finish({"type": "abort"})
                     self._emit(req, True, None)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return True
+
+    def _admit(self, req: Req) -> None:
+        """Hand a request to the scheduler, with its grammar matcher when it is constrained."""
+        try:
+            if req.grammar_future is not None:
+                req.grammar = req.grammar_future.result().matcher()  # raises the compile error
+            self.scheduler.add_request(req)
+        except Exception as e:  # noqa: BLE001
+            req.finish({"type": "abort", "message": str(e)})
+            self._emit(req, True, e)
 
     def _emit(self, req: Req, finished: bool, error: BaseException | None) -> None:
         sink = self._sinks.pop(req.rid, None) if finished else self._sinks.get(req.rid)
