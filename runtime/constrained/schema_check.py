@@ -3,7 +3,10 @@
 Both backends drop some keywords without a word (outlines-core: number bounds, uniqueItems,
 anything beside `enum`; xgrammar: uniqueItems, `not`, `if`, multi-branch allOf, unknown formats),
 which yields output that fails validation. Each backend declares what it enforces; anything else
-is a GrammarError naming the keyword and where it sits. Keywords a backend only narrows (e.g.
+is a GrammarError naming the keyword and where it sits. outlines-core is stricter still: its
+format regexes (except uuid) admit text that is invalid JSON or not of the format (a quote in an
+email, Unicode digits in a date), its maxProperties overshoots, and past its recursion depth it
+drops properties and leaves a dangling comma. Keywords a backend only narrows (e.g.
 additionalProperties next to properties, which both generate only the listed properties for)
 are allowed: narrowing keeps every output valid.
 """
@@ -36,13 +39,10 @@ class Support:
     pattern_with_length: bool = False
     format_with_length: bool = False
     size_with_properties: bool = False  # minProperties / maxProperties beside properties
+    recursion: bool = True  # a $ref that reaches itself
 
 
-OUTLINES = Support(
-    "outlines",
-    COMMON | {"minProperties", "maxProperties"},
-    frozenset({"date-time", "date", "time", "uuid", "uri", "email"}),
-)
+OUTLINES = Support("outlines", COMMON, frozenset({"uuid"}), recursion=False)
 XGRAMMAR = Support(
     "xgrammar",
     COMMON | {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
@@ -56,6 +56,29 @@ XGRAMMAR = Support(
 
 def check_schema(schema, support: Support) -> None:
     _check(schema, support, "#")
+    if not support.recursion:
+        _check_no_cycle(schema, schema, support, [])
+
+
+def _check_no_cycle(root, node, s: Support, expanding: list[str]) -> None:
+    """Follow local $refs depth-first; one that is already being expanded closes a cycle."""
+    if isinstance(node, list):
+        for sub in node:
+            _check_no_cycle(root, sub, s, expanding)
+        return
+    if not isinstance(node, dict):
+        return
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        if ref in expanding:
+            _fail(s, ref, "recursive $ref")
+        target = root
+        for part in filter(None, ref[1:].split("/")):
+            target = target.get(part) if isinstance(target, dict) else None
+        _check_no_cycle(root, target, s, expanding + [ref])
+    for key, sub in node.items():
+        if key not in ("$defs", "definitions", "$ref", "enum", "const"):
+            _check_no_cycle(root, sub, s, expanding)
 
 
 def _fail(support: Support, path: str, why: str):
@@ -103,6 +126,8 @@ def _check_combinations(node: dict, s: Support, path: str) -> None:
         _fail(s, path, "pattern combined with minLength/maxLength/format")
     if "format" in node and has_length and not s.format_with_length:
         _fail(s, path, "format combined with minLength/maxLength")
+    if "required" in node and "properties" not in node:
+        _fail(s, path, "required without properties")
     if "properties" in node:
         missing = sorted(set(node.get("required", [])) - set(node["properties"]))
         if missing:
