@@ -11,6 +11,7 @@ from outlines_core import Guide, Index, Vocabulary
 from outlines_core.json_schema import build_regex_from_schema
 
 from arborlm.runtime.constrained.base import GrammarError, GrammarSpec
+from arborlm.runtime.constrained.number_bounds import bound_regex
 from arborlm.runtime.constrained.regex_fsm import ForcedStrings
 from arborlm.runtime.constrained.schema_check import OUTLINES, check_schema
 from arborlm.runtime.constrained.vocab import token_bytes
@@ -50,11 +51,11 @@ class OutlinesBackend:
         if spec.kind == "regex":
             return spec.value
         if spec.kind == "json_object":
-            return build_regex_from_schema('{"type": "object"}', WHITESPACE)
+            return bound_regex(build_regex_from_schema('{"type": "object"}', WHITESPACE))
         if spec.kind == "json_schema":
             try:
                 check_schema(json.loads(spec.value), OUTLINES)
-                return build_regex_from_schema(spec.value, WHITESPACE)
+                return bound_regex(build_regex_from_schema(spec.value, WHITESPACE))
             except GrammarError:
                 raise
             except Exception as e:  # noqa: BLE001

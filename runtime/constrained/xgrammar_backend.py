@@ -9,6 +9,7 @@ import torch
 import xgrammar as xgr
 
 from arborlm.runtime.constrained.base import GrammarError, GrammarSpec, bitmask_words, unpack_bitmask
+from arborlm.runtime.constrained.number_bounds import bound_schema
 from arborlm.runtime.constrained.schema_check import XGRAMMAR, check_schema
 
 # Fixed separators and no free whitespace: nothing to loop on, and keys/separators become forced
@@ -28,9 +29,10 @@ class XGrammarBackend:
     def compile(self, spec: GrammarSpec) -> "XGrammarGrammar":
         try:
             if spec.kind == "json_schema":
-                check_schema(json.loads(spec.value), XGRAMMAR)
+                schema = json.loads(spec.value)
+                check_schema(schema, XGRAMMAR)
                 compiled = self.compiler.compile_json_schema(
-                    spec.value, any_whitespace=False, separators=SEPARATORS, strict_mode=True)
+                    json.dumps(bound_schema(schema)), any_whitespace=False, separators=SEPARATORS, strict_mode=True)
             elif spec.kind == "json_object":
                 compiled = self.compiler.compile_json_schema(
                     '{"type": "object"}', any_whitespace=False, separators=SEPARATORS, strict_mode=False)
