@@ -27,6 +27,8 @@ class EngineArgs:
     attention_backend: str = "auto"  # auto (triton on a GPU, else torch) | torch | triton
     random_seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    grammar_backend: str = "xgrammar"  # xgrammar | outlines (docs/benchmarks.md: why xgrammar)
+    enable_jump_forward: bool = True  # append a grammar's forced strings without a decode step each
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -37,6 +39,10 @@ class EngineArgs:
 
         if self.schedule_policy not in POLICIES:
             raise ValueError(f"schedule_policy: expected one of {POLICIES}, got {self.schedule_policy!r}")
+        from arborlm.runtime.constrained.factory import BACKENDS
+
+        if self.grammar_backend not in BACKENDS:
+            raise ValueError(f"grammar_backend: expected one of {BACKENDS}, got {self.grammar_backend!r}")
         for name in ("max_running_requests", "chunked_prefill_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -33,6 +33,14 @@ class IncrementalDetokenizer:
         self.last_delta_len = len(delta)
         return delta
 
+    def replace_last(self, ids: list[int], appended: str) -> None:
+        """Jump-forward swapped the last token (fully emitted) for `ids`, whose text is the old
+        token's plus `appended`; the new tokens start the next context window."""
+        self.ids[-1:] = ids
+        self.text += appended
+        self.surr, self.read = len(self.ids) - len(ids), len(self.ids)
+        self.last_delta_len = len(appended)
+
     def flush(self) -> str:
         """At the end of a request, emit whatever is held back (even a lone replacement char)."""
         if self.read == len(self.ids):

@@ -51,6 +51,7 @@ class Engine:
             self.core = EngineCore(self.args)
             self.runner, self.tokenizer, self.scheduler = self.core.runner, self.core.tokenizer, self.core.scheduler
             self.eos_ids = self.core.eos_ids
+            self.core.wake = lambda: self._inbox.put(("wake",))  # a grammar finished compiling
         except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
             self._init_error = e
             ready.set()
@@ -162,12 +163,14 @@ class Engine:
         reqs = []
         for ids, sp in zip(ids_list, per_prompt):
             params = SamplingParams.from_dict(sp)
+            grammar = self.core.grammar_for(params)
             for i in range(params.n):
                 seed = None if params.seed is None else params.seed + i
                 req = Req(uuid.uuid4().hex, ids, params, return_logprob=return_logprob,
                           top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len, seed=seed)
                 req.detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
                                                    params.spaces_between_special_tokens)
+                req.grammar_future = grammar
                 reqs.append(req)
         if single and reqs[0].params.n > 1:
             single = False
@@ -258,6 +261,7 @@ class Engine:
                     self._emit(o.req, o.finished, None)
         for req in self.core.abort_all():
             self._emit(req, True, RuntimeError("the engine shut down"))
+        self.core.shutdown()
 
     def _drain(self, block: bool) -> bool:
         """Apply queued adds and aborts; return False on stop."""
@@ -273,14 +277,16 @@ class Engine:
                 for req in item[1]:
                     self._sinks[req.rid] = item[2]
                     try:
-                        self.scheduler.add_request(req)
+                        self.core.add_request(req)
                     except Exception as e:  # noqa: BLE001
                         self._emit(req, True, e)
+            elif kind == "wake":  # the next step admits the compiled requests
+                pass
             elif kind == "call":  # run a function on the loop thread, which owns the scheduler
                 item[1]()
                 item[2].set()
             elif kind == "abort":
-                req = self.scheduler.abort(item[1])
+                req = self.core.abort(item[1])
                 if req is not None:
                     self._emit(req, True, None)
             try:
@@ -295,7 +301,7 @@ class Engine:
                 sink(req, finished, error)
             except RuntimeError:  # the caller's event loop is gone (it stopped listening): drop it
                 if not req.finished:
-                    self.scheduler.abort(req.rid)
+                    self.core.abort(req.rid)
                 self._sinks.pop(req.rid, None)
 
 

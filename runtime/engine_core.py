@@ -7,9 +7,15 @@ from its own main thread. Either way every torch op runs on one thread.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
+from typing import Callable
 
 from arborlm.runtime.cache.radix_cache import RadixCache
 from arborlm.runtime.config import EngineArgs
+from arborlm.runtime.constrained.base import GrammarSpec
+from arborlm.runtime.constrained.cache import GrammarCache
+from arborlm.runtime.constrained.factory import make_backend
+from arborlm.runtime.constrained.jump_forward import JumpForward
 from arborlm.runtime.model import loader
 from arborlm.runtime.model_runner import ModelRunner
 from arborlm.runtime.scheduler.req import Req
@@ -41,17 +47,77 @@ class EngineCore:
         self.tokenizer = loader.load_tokenizer(self.runner.files.tokenizer_dir)
         self.eos_ids = eos_token_ids(self.runner.config, self.tokenizer, self.runner.files.model_dir)
         self.sampler = self.runner.make_sampler(self.eos_ids)
+        tok = self.tokenizer
+        eos = tok.eos_token_id if tok.eos_token_id is not None else min(self.eos_ids)
+        self.grammars = GrammarCache(make_backend(args.grammar_backend, tok, eos, self.runner.vocab_size))
+        self.jump_forward = JumpForward(tok) if args.enable_jump_forward else None
         tree = RadixCache(self.runner.kv_pool.free, disable=args.disable_radix_cache)
         self.scheduler = Scheduler(self.runner.req_pool, self.runner.kv_pool, tree, SchedulerConfig(
             context_length=self.runner.context_length, max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size, schedule_policy=args.schedule_policy,
-            eos_ids=self.eos_ids,
+            eos_ids=self.eos_ids, jump_forward=self.jump_forward,
         ))
+        self.compiling: dict[str, Req] = {}  # constrained requests whose grammar is still compiling
+        self.wake: Callable[[], None] | None = None  # called from the compile thread when one is ready
+
+    # ---- requests ------------------------------------------------------------------------------
+    def grammar_for(self, params) -> Future | None:
+        """Start (or find in the cache) the compile of a request's grammar; any thread may call
+        this. A spec already known to be refused raises its GrammarError at once."""
+        spec = GrammarSpec.from_params(params)
+        if spec is None:
+            return None
+        fut = self.grammars.get(spec)
+        if fut.done() and fut.exception() is not None:
+            raise fut.exception()
+        return fut
+
+    def add_request(self, req: Req) -> None:
+        """Queue a request; a constrained one waits here, off the scheduler, until its grammar has
+        compiled, so other requests keep running meanwhile."""
+        fut = req.grammar_future
+        if fut is not None and not fut.done():
+            self.compiling[req.rid] = req
+            if self.wake is not None:
+                fut.add_done_callback(lambda _: self.wake())
+            return
+        self._admit(req)
+
+    def _admit(self, req: Req) -> None:
+        if req.grammar_future is not None:
+            req.grammar = req.grammar_future.result().matcher()  # raises the compile error
+        self.scheduler.add_request(req)
+
+    def _admit_compiled(self) -> list[tuple[Req, BaseException]]:
+        failed = []
+        for rid, req in list(self.compiling.items()):
+            if req.grammar_future.done():
+                del self.compiling[rid]
+                try:
+                    self._admit(req)
+                except Exception as e:  # noqa: BLE001 - the request's own fault (a refused grammar)
+                    req.finish({"type": "abort", "message": str(e)})
+                    failed.append((req, e))
+        return failed
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self.compiling)
+
+    def abort(self, rid: str) -> Req | None:
+        req = self.scheduler.abort(rid)
+        if req is None and rid in self.compiling:
+            req = self.compiling.pop(rid)
+            req.finish({"type": "abort"})
+        return req
+
+    def shutdown(self) -> None:
+        self.grammars.shutdown()
 
     def step(self) -> tuple[list[StepOutput], list[tuple[Req, BaseException]]]:
         """Schedule and run one batch. Returns the step's outputs and the requests that failed
         (a failure aborts those requests and keeps the core serving)."""
         sched = self.scheduler
+        rejected = self._admit_compiled() if self.compiling else []
         try:
             batch = sched.schedule()
         except Exception as e:  # noqa: BLE001 - a scheduler bug must not hang every caller
@@ -59,21 +125,22 @@ class EngineCore:
             failed = list(sched.waiting) + list(sched.running)
             for req in failed:
                 sched.abort(req.rid)
-            return [], [(r, e) for r in failed]
+            return [], rejected + [(r, e) for r in failed]
         if batch is None:
-            return [], []
+            return [], rejected
         try:
             next_ids, so = self.runner.run(batch, self.sampler)
-            return sched.process(batch, next_ids, so.logprobs if so else None, so.top_logprobs if so else None), []
+            outs = sched.process(batch, next_ids, so.logprobs if so else None, so.top_logprobs if so else None)
+            return outs, rejected
         except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
             logger.exception("forward step failed")
             for req in batch.reqs:
                 if not req.finished:
                     sched.abort(req.rid)
-            return [], [(r, e) for r in batch.reqs]
+            return [], rejected + [(r, e) for r in batch.reqs]
 
     def abort_all(self) -> list[Req]:
-        reqs = list(self.scheduler.waiting) + list(self.scheduler.running)
+        reqs = list(self.scheduler.waiting) + list(self.scheduler.running) + list(self.compiling.values())
         for req in reqs:
-            self.scheduler.abort(req.rid)
+            self.abort(req.rid)
         return reqs

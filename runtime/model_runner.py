@@ -142,7 +142,8 @@ class ModelRunner:
         logits = logits[[row_of[i] for i in sampling]]
         reqs = [batch.reqs[i] for i in sampling]
         out = sampler(logits, [
-            SampleRow(r.params, r.generator, r.prompt_ids, r.output_ids, r.return_logprob, r.top_logprobs_num)
+            SampleRow(r.params, r.generator, r.prompt_ids, r.output_ids, r.return_logprob, r.top_logprobs_num,
+                      r.grammar)
             for r in reqs
         ])
         full_lp, full_top = [None] * len(batch.reqs), [None] * len(batch.reqs)

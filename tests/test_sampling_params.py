@@ -42,9 +42,16 @@ def test_unknown_key_is_rejected_by_name():
         SamplingParams.from_dict({"max_tokens": 5})
 
 
-def test_structured_fields_are_refused_clearly():
-    with pytest.raises(Exception, match="regex"):
-        SamplingParams.from_dict({"regex": "a+"})
+def test_structured_fields():
+    assert SamplingParams.from_dict({"regex": "a+"}).constrained
+    assert SamplingParams.from_dict({"json_schema": {"type": "integer"}}).json_schema == '{"type": "integer"}'
+    assert not SamplingParams.from_dict({}).constrained
+    with pytest.raises(ValueError, match="regex and sampling_params.json_schema"):
+        SamplingParams.from_dict({"regex": "a+", "json_schema": "{}"})
+    with pytest.raises(ValueError, match="json_schema: not valid JSON"):
+        SamplingParams.from_dict({"json_schema": "{not json"})
+    with pytest.raises(ValueError, match="ebnf: must be a non-empty string"):
+        SamplingParams.from_dict({"ebnf": ""})
 
 
 def test_defaults_nulls_and_stop_forms():

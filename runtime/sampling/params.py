@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
-from arborlm.runtime.errors import BadRequestError, UnsupportedError
+from arborlm.runtime.errors import BadRequestError
 
-_LATER = {"regex", "json_schema", "ebnf"}  # structured generation: not in this runtime yet
+GRAMMAR_FIELDS = ("regex", "json_schema", "ebnf")
 
 
 @dataclass
@@ -29,18 +30,21 @@ class SamplingParams:
     no_stop_trim: bool = False
     n: int = 1
     seed: int | None = None
+    # structured generation: at most one; json_schema is a JSON string ("$$ANY$$": any JSON object)
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
         d = dict(d or {})
         names = {f.name for f in dataclasses.fields(cls)}
-        later = sorted(set(d) & _LATER)
-        if later:
-            raise UnsupportedError(f"sampling_params.{later[0]}: structured generation is not supported yet")
         unknown = sorted(set(d) - names)
         if unknown:
             raise BadRequestError(f"sampling_params.{unknown[0]}: unknown sampling parameter")
         d = {k: v for k, v in d.items() if v is not None}  # null means "default", as in SGLang
+        if isinstance(d.get("json_schema"), dict):  # the in-process Engine may pass the schema itself
+            d["json_schema"] = json.dumps(d["json_schema"])
         if isinstance(d.get("stop"), str):
             d["stop"] = [d["stop"]] if d["stop"] else []
         p = cls(**d)
@@ -90,10 +94,28 @@ class SamplingParams:
             bad("stop_token_ids", "must be a list of token ids")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             bad("seed", "must be an integer")
+        self._validate_grammar()
+
+    def _validate_grammar(self) -> None:
+        given = [f for f in GRAMMAR_FIELDS if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise BadRequestError(f"sampling_params.{given[0]} and sampling_params.{given[1]} are mutually exclusive")
+        for name in given:
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise BadRequestError(f"sampling_params.{name}: must be a non-empty string")
+        if self.json_schema is not None and self.json_schema != "$$ANY$$":
+            try:
+                json.loads(self.json_schema)
+            except ValueError as e:
+                raise BadRequestError(f"sampling_params.json_schema: not valid JSON ({e})") from None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def constrained(self) -> bool:
+        return any(getattr(self, f) is not None for f in GRAMMAR_FIELDS)
 
     @property
     def needs_penalty(self) -> bool:

@@ -1,4 +1,4 @@
-"""Batched sampling: penalties, min_new_tokens masking, greedy and temperature / top-k / top-p /
+"""Batched sampling: penalties, grammar masks, min_new_tokens masking, greedy and temperature / top-k / top-p /
 min-p sampling, and logprobs, vectorised over the rows of a step (no Python loop over the vocab).
 
 Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which samples from p and lets
@@ -9,9 +9,11 @@ what else is in the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from arborlm.runtime.constrained.base import apply_bitmask, bitmask_words
 from arborlm.runtime.sampling.params import SamplingParams
 
 
@@ -25,6 +27,7 @@ class SampleRow:
     output_ids: list[int]
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    grammar: Any = None  # a constrained request's Matcher: it fills this row's allowed-token mask
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleOutput:
         raw = logits
         logits = self._apply_penalties(logits, rows)
+        logits = self._mask_grammar(logits, rows)
         logits = self._mask_min_tokens(logits, rows)
         next_ids = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -66,6 +70,18 @@ class Sampler:
                 seen = torch.tensor(sorted(set(rows[i].prompt_ids) | set(rows[i].output_ids)), dtype=torch.long)
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        return logits
+
+    def _mask_grammar(self, logits, rows):
+        """Only constrained rows get a mask; each matcher writes its packed row in place."""
+        idx = [i for i, r in enumerate(rows) if r.grammar is not None]
+        if not idx:
+            return logits
+        bitmask = torch.zeros(len(idx), bitmask_words(self.vocab_size), dtype=torch.int32)
+        for j, i in enumerate(idx):
+            rows[i].grammar.fill_bitmask(bitmask[j])
+        logits = logits.clone()
+        logits[idx] = apply_bitmask(logits[idx], bitmask)
         return logits
 
     def _mask_min_tokens(self, logits, rows):

@@ -44,6 +44,8 @@ class Req:
     input_top_logprobs: list = field(default_factory=list)
     detok: IncrementalDetokenizer | None = None
     generator: torch.Generator | None = None
+    grammar: Any = None  # constrained decoding: the request's Matcher, set once its grammar compiled
+    grammar_future: Any = None  # the compile in flight (a Future of the Grammar)
     created: float = field(default_factory=time.perf_counter)
     finish_time: float | None = None
 

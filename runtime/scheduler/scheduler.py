@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -70,6 +71,7 @@ class SchedulerConfig:
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
     eos_ids: set[int] = field(default_factory=set)
+    jump_forward: Callable[[Req], int] | None = None  # appends a grammar's forced tokens to a request
 
 
 class Scheduler:
@@ -279,6 +281,7 @@ class Scheduler:
     def _append_token(self, req: Req, tok: int, logprobs, top_logprobs, i) -> StepOutput:
         p = req.params
         req.output_ids.append(tok)
+        grammar_ok = req.grammar is None or req.grammar.accept(tok)
         if logprobs is not None and logprobs[i] is not None:
             req.output_logprobs.append((logprobs[i], tok))
             req.output_top_logprobs.append(top_logprobs[i] or [])
@@ -292,11 +295,27 @@ class Scheduler:
             pass
         elif len(req.output_ids) >= p.max_new_tokens:
             req.finish({"type": "length", "length": p.max_new_tokens})
+        if not req.finished and req.grammar is not None:
+            self._grammar_step(req, grammar_ok)
         if req.finished:
             if req.detok is not None and req.finish_reason["type"] == "length":
                 req.detok.flush()
             self._release(req)
         return StepOutput(req, [tok], req.finished)
+
+    def _grammar_step(self, req: Req, accepted: bool) -> None:
+        """Finish a constrained request once its grammar is complete, else try a jump-forward."""
+        if not accepted:  # only when other masks left the grammar no token (e.g. min_new_tokens vs EOS)
+            req.finish({"type": "abort", "message": "the sampled token violates the grammar"})
+        elif req.grammar.is_terminated():
+            req.finish({"type": "stop", "matched": None})
+        elif self.cfg.jump_forward is not None and self.cfg.jump_forward(req):
+            if req.params.stop and self._match_stop_str(req):
+                return
+            if req.grammar.is_terminated():
+                req.finish({"type": "stop", "matched": None})
+            elif len(req.output_ids) >= req.params.max_new_tokens:
+                req.finish({"type": "length", "length": req.params.max_new_tokens})
 
     def _match_stop_str(self, req: Req) -> bool:
         # Search only the tail that the newest token can have completed a match in.

@@ -39,17 +39,21 @@ class SchedulerProcess:
 
     def serve(self, ppid: int) -> None:
         while True:
-            if not self.sched.has_work() and not self.recv.poll(1000):
-                if not parent_alive(ppid):
-                    return
-                continue
+            if not self.sched.has_work():
+                if self.core.compiling:  # wait for messages, or for a grammar to finish compiling
+                    self.recv.poll(5)
+                elif not self.recv.poll(1000):
+                    if not parent_alive(ppid):
+                        return
+                    continue
             while True:
                 try:
                     self.handle(self.recv.recv_pyobj(zmq.NOBLOCK))
                 except zmq.Again:
                     break
             outs, failed = self.core.step()
-            items = [self.error_out(req.rid, f"{type(e).__name__}: {e}", 500) for req, e in failed]
+            items = [self.error_out(req.rid, str(e), 400) if isinstance(e, BadRequestError)
+                     else self.error_out(req.rid, f"{type(e).__name__}: {e}", 500) for req, e in failed]
             n_new = 0
             for o in outs:
                 n_new += len(o.new_ids)
@@ -66,17 +70,18 @@ class SchedulerProcess:
             req = Req(msg.rid, msg.input_ids, msg.params, return_logprob=msg.return_logprob,
                       top_logprobs_num=msg.top_logprobs_num, logprob_start_len=msg.logprob_start_len,
                       seed=msg.params.seed, stream=msg.stream)
-            if msg.params.stop:  # stop strings are matched here, on the scheduler's own text
+            if msg.params.stop or msg.params.constrained:  # stop strings and jump-forward read this text
                 req.detok = IncrementalDetokenizer(self.core.tokenizer, msg.params.skip_special_tokens,
                                                    msg.params.spaces_between_special_tokens)
             try:
-                self.sched.add_request(req)
+                req.grammar_future = self.core.grammar_for(msg.params)
+                self.core.add_request(req)
             except BadRequestError as e:
                 self.send.send_pyobj(io.BatchTokenOut([self.error_out(msg.rid, str(e), 400)]))
                 return
             self.sent[req.rid] = [0, 0, 0]
         elif isinstance(msg, io.AbortReq):
-            req = self.sched.abort(msg.rid)
+            req = self.core.abort(msg.rid)
             if req is not None:
                 self.send.send_pyobj(io.BatchTokenOut([self.token_out(req)]))
         elif isinstance(msg, io.FlushCacheReq):
@@ -90,14 +95,16 @@ class SchedulerProcess:
         """Report finished requests, every first token (for time-to-first-token), and streamed
         requests every stream_interval tokens; the rest wait for the end (less work per step for
         the detokenizer and the HTTP process, which share the cores with the model)."""
-        if req.finished or len(req.output_ids) == 1:
+        if req.finished or len(req.output_ids) == 1 and req.grammar is None:
             return True
         return req.stream and len(req.output_ids) - self.sent.get(req.rid, [0])[0] >= self.stream_interval
 
     def token_out(self, req: Req) -> io.TokenOut:
         sent = self.sent.get(req.rid, [0, 0, 0])
         first = sent == [0, 0, 0]
-        new_ids = req.output_ids[sent[0]:]
+        # jump-forward may re-tokenise a constrained request's last token: hold it back until the end
+        n_out = len(req.output_ids) - (1 if req.grammar is not None and not req.finished else 0)
+        new_ids = req.output_ids[sent[0]:n_out]
         text_ids = new_ids
         reason = req.finish_reason
         if reason and reason["type"] == "stop" and isinstance(reason.get("matched"), int) and not req.params.no_stop_trim:
@@ -116,7 +123,7 @@ class SchedulerProcess:
         if req.finished:
             self.sent.pop(req.rid, None)
         else:
-            self.sent[req.rid] = [len(req.output_ids), len(req.output_logprobs), len(req.input_logprobs)]
+            self.sent[req.rid] = [n_out, len(req.output_logprobs), len(req.input_logprobs)]
         return out
 
     def error_out(self, rid: str, message: str, status: int) -> io.TokenOut:
