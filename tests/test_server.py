@@ -258,3 +258,28 @@ def test_non_streaming_client_disconnect_aborts(server, http):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/generate", json=body, headers=HEADERS, timeout=1.5)
     wait_pool_clean(http, timeout=30)
+
+
+# ---- structured generation over HTTP ----------------------------------------------------------
+def test_response_format_json_schema_and_regex(client, model, http):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    out = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Invent a person as JSON."}], max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}})
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+    obj = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "A JSON object, please."}],
+                                         max_tokens=40, temperature=0, response_format={"type": "json_object"})
+    assert obj.choices[0].finish_reason == "length" or isinstance(json.loads(obj.choices[0].message.content), dict)
+    r = http.post("/generate", json={"text": "My phone number is ", "sampling_params": {
+        "max_new_tokens": 20, "temperature": 1.0, "regex": r"\d{3}-\d{4}"}}).json()
+    import re
+
+    assert re.fullmatch(r"\d{3}-\d{4}", r["text"])
+    bad = http.post("/generate", json={"text": "x", "sampling_params": {"regex": "(unclosed"}})
+    assert bad.status_code == 400 and bad.json()["error"]["message"]
+    assert http.post("/generate", json={"text": "ok", "sampling_params": {"max_new_tokens": 1}}).status_code == 200
+    wait_pool_clean(http)
