@@ -29,12 +29,12 @@ from structured_corpus import REGEXES, SCHEMAS  # noqa: E402
 
 ROWS = {"type": "array", "minItems": 40, "maxItems": 40,
         "items": {"type": "object", "required": ["id", "ok"],
-                  "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}}}}
+                  "properties": {"id": {"type": "integer"}, "ok": {"type": "boolean"}}}}
 HEAVY = {"type": "object", "required": [f"field_{n}" for n in ("customer_account_identifier", "shipping_address_line",
                                                                  "billing_postal_code", "preferred_contact_method",
                                                                  "subscription_tier_level", "marketing_consent_given")],
          "properties": {
-             "field_customer_account_identifier": {"type": "integer", "minimum": 0, "maximum": 999},
+             "field_customer_account_identifier": {"type": "integer"},
              "field_shipping_address_line": {"type": "string", "maxLength": 12},
              "field_billing_postal_code": {"type": "string", "pattern": "^[0-9]{5}$"},
              "field_preferred_contact_method": {"enum": ["electronic_mail_message", "telephone_call_back"]},
@@ -56,15 +56,18 @@ def median_run(fn, repeats):
     return statistics.median(r[0] for r in runs), runs[-1][1]
 
 
-def decode_tps(engine, batch, constrained, repeats, new=128):
-    p = {"temperature": 0, "max_new_tokens": new}
-    p = {**p, "json_schema": json.dumps(ROWS)} if constrained else {**p, "ignore_eos": True}
+def decode_tps(engine, batch, repeats, new=128):
+    """(free, constrained) output tok/s; the two alternate run by run so load drifts hit both."""
+    base = {"temperature": 0, "max_new_tokens": new}
+    params = {"free": {**base, "ignore_eos": True}, "json": {**base, "json_schema": json.dumps(ROWS)}}
     prompts = [f"{PROMPT} #{i}" for i in range(batch)]
-
-    def run():
-        dt, outs = timed(engine, prompts, p)
-        return sum(o["meta_info"]["completion_tokens"] for o in outs) / dt, None
-    return median_run(run, repeats)[0]
+    tps = {"free": [], "json": []}
+    for r in range(repeats + 1):  # the first round warms up
+        for kind, p in params.items():
+            dt, outs = timed(engine, prompts, p)
+            if r:
+                tps[kind].append(sum(o["meta_info"]["completion_tokens"] for o in outs) / dt)
+    return statistics.median(tps["free"]), statistics.median(tps["json"])
 
 
 def heavy_latency(engine, repeats):
@@ -132,8 +135,7 @@ def main():
         with Engine(dtype=args.dtype, grammar_backend=name, enable_jump_forward=False, max_total_tokens=32768) as e:
             r["c_p50"], r["c_p99"], r["compiled"], r["total"] = compile_times(e.grammars.backend)
             for b in (1, 32):
-                r[f"free{b}"] = decode_tps(e, b, False, args.repeats)
-                r[f"json{b}"] = decode_tps(e, b, True, args.repeats)
+                r[f"free{b}"], r[f"json{b}"] = decode_tps(e, b, args.repeats)
             r["jf_off"], out_off = heavy_latency(e, args.repeats)
             r["valid"], _ = corpus_validity(e)
         with Engine(dtype=args.dtype, grammar_backend=name, enable_jump_forward=True, max_total_tokens=32768) as e:
