@@ -39,7 +39,9 @@ def test_crashed_scheduler_fails_health_and_exits(tiny_model_dir, tmp_path):
     srv = LiveServer("--model-path", tiny_model_dir, "--dtype", "float32", "--max-total-tokens", "1024",
                      log_path=str(tmp_path / "log")).wait_healthy()
     kids = srv.children()
-    os.kill(kids[0], signal.SIGKILL)  # either child: the server must notice and stop the other
+    spawned = [k for k in kids if b"spawn_main" in open(f"/proc/{k}/cmdline", "rb").read()]
+    assert len(spawned) == 2  # scheduler and detokenizer (not multiprocessing's resource tracker)
+    os.kill(spawned[0], signal.SIGKILL)  # either child: the server must notice and stop the other
     assert srv.proc.wait(timeout=30) != 0
     assert "exited unexpectedly" in open(srv.log_path).read()
     deadline = time.time() + 10

@@ -212,7 +212,7 @@ def chat_subs(req: ChatCompletionRequest, tm: TokenizerManager) -> list[SubReque
     sp["n"] = req.n
     rf = req.response_format
     if rf is not None and rf.type == "json_object":
-        sp["json_schema"] = json.dumps({"type": "object"})
+        sp["json_schema"] = "$$ANY$$"  # SGLang's spelling: any JSON object (xgrammar's builtin JSON grammar)
     elif rf is not None and rf.type == "json_schema":
         spec = rf.json_schema or {}
         if not isinstance(spec.get("schema"), dict):
