@@ -1,7 +1,7 @@
 """DSL programs on arborlm vs the same calls as independent requests to a cache-less server.
 
 (a) few-shot classification: 64 items via run_batch (a long shared few-shot prefix);
-(b) tree of thought: 3 branches x 3 sub-branches, 8 programs.
+(b) tree of thought: a ~300-token problem statement, 3 branches x 3 sub-branches, 8 programs.
 The DSL runs against `arborlm serve`; the baseline sends the same prompts as independent /generate
 requests (all at once, like the DSL) to a server started with --disable-radix-cache.
 
@@ -38,14 +38,23 @@ def classify(s, review):
 
 @sgl.function
 def tree(s, question, width=3, tokens=8):
-    s += "Question: " + question + "\nThink step by step.\n"
+    s += question + "\nThink step by step.\n"
     forks = s.fork(width)
     forks += lambda i: f"Idea {i + 1}:" + sgl.gen("idea", max_tokens=tokens, stop="\n")
-    for f in forks:
-        sub = f.fork(width)
+    subs = [f.fork(width) for f in forks]  # all sub-branches at once, as the baseline sends them
+    for sub in subs:
         sub += lambda j: f"\nDetail {j + 1}:" + sgl.gen("detail", max_tokens=tokens, stop="\n")
+    for sub in subs:
         sub.join()
     forks.join()
+
+
+def tot_question(i: int) -> str:
+    """A problem statement of about 300 tokens, as a tree-of-thought prompt carries (distinct per program)."""
+    facts = [f"Fact {k}: district {k} of the town uses {120 + 7 * ((i + k) % 13)} litres per person per day, "
+             f"and its pipes are {10 + (i * k) % 40} years old." for k in range(12)]
+    return (f"Problem {i}: a town of {1000 * (i + 1)} people must cut its water use by a fifth.\n"
+            + "\n".join(facts) + "\nQuestion: how can the town save water?")
 
 
 def reviews(n):
@@ -66,7 +75,7 @@ async def baseline_fewshot(url, n):
 async def baseline_tree(url, questions, width=3, tokens=8):
     """The tree's calls, level by level, each a full independent request."""
     async with httpx.AsyncClient(base_url=url, timeout=3600) as c:
-        roots = [f"Question: {q}\nThink step by step.\n" for q in questions]
+        roots = [f"{q}\nThink step by step.\n" for q in questions]
         level1 = [r + f"Idea {i + 1}:" for r in roots for i in range(width)]
         ideas = await post_all(c, level1, tokens, "\n")
         level2 = [p + idea + f"\nDetail {j + 1}:" for p, idea in zip(level1, ideas) for j in range(width)]
@@ -86,7 +95,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
-    questions = [f"How can a town of {1000 * (i + 1)} people save water?" for i in range(args.programs)]
+    questions = [tot_question(i) for i in range(args.programs)]
     results = {}
     for name, extra in (("arborlm", []), ("no-cache", ["--disable-radix-cache"])):
         srv = LiveServer("--dtype", args.dtype, *extra, log_path=f"/tmp/bench_programs_{name}.log").wait_healthy()

@@ -51,6 +51,24 @@ class ModelInfo:
     eos_token: str | None = None
 
 
+async def sse_events(response):
+    """The JSON events of a server-sent-event stream up to `data: [DONE]`; an error event raises."""
+    import json
+
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            err = event["error"]
+            code = err.get("code")
+            raise BackendError(err.get("message", str(event)), code if isinstance(code, int) else None)
+        yield event
+
+
 class Backend:
     """Base class; `select` scoring and chat rendering are built on these four calls."""
 

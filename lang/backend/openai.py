@@ -17,7 +17,7 @@ import weakref
 
 import httpx
 
-from arborlm.lang.backend.base import Backend, BackendError, GenerateCall, ModelInfo
+from arborlm.lang.backend.base import Backend, BackendError, GenerateCall, ModelInfo, sse_events
 
 # native sampling parameter -> completions field (the last group are extensions SGLang and vLLM take)
 _FIELDS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "stop": "stop",
@@ -97,15 +97,7 @@ class OpenAI(Backend):
         async with self._client().stream("POST", "/completions", json=body) as r:
             if r.status_code >= 400:
                 raise BackendError(_message((await r.aread()).decode(errors="replace")), r.status_code)
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise BackendError(chunk["error"].get("message", str(chunk)))
+            async for chunk in sse_events(r):
                 for c in chunk.get("choices", []):
                     meta = {"finish_reason": {"type": c["finish_reason"]}} if c.get("finish_reason") else {}
                     yield {"text": c.get("text", ""), "meta_info": meta}

@@ -9,7 +9,7 @@ import weakref
 
 import httpx
 
-from arborlm.lang.backend.base import Backend, BackendError, GenerateCall, ModelInfo
+from arborlm.lang.backend.base import Backend, BackendError, GenerateCall, ModelInfo, sse_events
 
 
 class RuntimeEndpoint(Backend):
@@ -52,15 +52,7 @@ class RuntimeEndpoint(Backend):
         sent = 0
         async with self._client().stream("POST", "/generate", json={**call.body(), "stream": True}) as r:
             await self._check(r)
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise BackendError(chunk["error"].get("message", str(chunk)), chunk["error"].get("code"))
+            async for chunk in sse_events(r):
                 text = chunk["text"]
                 yield {**chunk, "text": text[sent:]}
                 sent = len(text)
