@@ -20,9 +20,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_sigterm_leaves_no_child(tiny_model_dir, tmp_path):
+@pytest.fixture
+def tiny_server(tiny_model_dir, tmp_path):
     srv = LiveServer("--model-path", tiny_model_dir, "--dtype", "float32", "--max-total-tokens", "1024",
-                     log_path=str(tmp_path / "log")).wait_healthy()
+                     log_path=str(tmp_path / "log"))
+    try:
+        yield srv.wait_healthy()
+    finally:  # a failed test must not leave a server behind
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait(timeout=30)
+
+
+def test_sigterm_leaves_no_child(tiny_server):
+    srv = tiny_server
     kids = srv.children()
     assert len(kids) >= 2  # scheduler and detokenizer
     r = httpx.post(srv.url + "/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 3}}, timeout=60)
@@ -35,9 +46,8 @@ def test_sigterm_leaves_no_child(tiny_model_dir, tmp_path):
     assert not any(_alive(k) for k in kids)
 
 
-def test_crashed_scheduler_fails_health_and_exits(tiny_model_dir, tmp_path):
-    srv = LiveServer("--model-path", tiny_model_dir, "--dtype", "float32", "--max-total-tokens", "1024",
-                     log_path=str(tmp_path / "log")).wait_healthy()
+def test_crashed_scheduler_fails_health_and_exits(tiny_server):
+    srv = tiny_server
     kids = srv.children()
     spawned = [k for k in kids if b"spawn_main" in open(f"/proc/{k}/cmdline", "rb").read()]
     assert len(spawned) == 2  # scheduler and detokenizer (not multiprocessing's resource tracker)
