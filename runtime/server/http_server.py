@@ -245,18 +245,23 @@ def create_app(args: ServerArgs, tm: TokenizerManager, model_name: str) -> FastA
         if name not in (model_name, args.model_path, "default"):
             raise RequestFailed(f"model {name!r} does not exist; this server serves {model_name!r}", 404)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        req = await parse_body(request, openai_api.CompletionRequest)
+    async def _openai(request: Request, model, make_subs, id_prefix: str, stream, respond):
+        """The shared body of the two OpenAI generation routes."""
+        req = await parse_body(request, model)
         check_model(req.model)
-        subs = openai_api.completion_subs(req, tm)
-        rid, created = openai_api.new_id("cmpl")
+        subs = make_subs(req, tm)
+        rid, created = openai_api.new_id(id_prefix)
         if req.stream:
-            return StreamingResponse(_completion_stream(req, subs, rid, created), media_type="text/event-stream")
+            return StreamingResponse(stream(req, subs, rid, created), media_type="text/event-stream")
         states = await until_disconnected(request, _final_states(subs))
         if isinstance(states, Response):
             return states
-        return openai_api.completion_response(req, tm, subs, states, rid, created, model_name)
+        return respond(req, tm, subs, states, rid, created, model_name)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _openai(request, openai_api.CompletionRequest, openai_api.completion_subs, "cmpl",
+                             _completion_stream, openai_api.completion_response)
 
     async def _final_states(subs):
         return list(await asyncio.gather(*(tm.generate_final(s.ids, s.params, s.return_logprob, s.logprob_start_len,
@@ -288,16 +293,8 @@ def create_app(args: ServerArgs, tm: TokenizerManager, model_name: str) -> FastA
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = await parse_body(request, openai_api.ChatCompletionRequest)
-        check_model(req.model)
-        subs = openai_api.chat_subs(req, tm)
-        rid, created = openai_api.new_id("chatcmpl")
-        if req.stream:
-            return StreamingResponse(_chat_stream(req, subs, rid, created), media_type="text/event-stream")
-        states = await until_disconnected(request, _final_states(subs))
-        if isinstance(states, Response):
-            return states
-        return openai_api.chat_response(req, tm, subs, states, rid, created, model_name)
+        return await _openai(request, openai_api.ChatCompletionRequest, openai_api.chat_subs, "chatcmpl",
+                             _chat_stream, openai_api.chat_response)
 
     async def _chat_stream(req, subs, rid, created):
         sent: dict[int, list[int]] = {}
