@@ -29,6 +29,10 @@ class EngineArgs:
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     grammar_backend: str = "xgrammar"  # xgrammar | outlines (docs/benchmarks.md: why xgrammar)
     enable_jump_forward: bool = True  # append a grammar's forced strings without a decode step each
+    # Where a JSON output (json_schema, json_object) is steered to close rather than loop to
+    # max_tokens, if its grammar allows (constrained/json_guard.py); 0 = unbounded.
+    json_max_string_length: int = 512  # characters in one string
+    json_max_depth: int = 16  # objects and arrays open at once
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -43,6 +47,9 @@ class EngineArgs:
 
         if self.grammar_backend not in BACKENDS:
             raise ValueError(f"grammar_backend: expected one of {BACKENDS}, got {self.grammar_backend!r}")
+        for name in ("json_max_string_length", "json_max_depth"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = unbounded), got {getattr(self, name)}")
         for name in ("max_running_requests", "chunked_prefill_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -15,6 +15,8 @@ from arborlm.runtime.config import EngineArgs
 from arborlm.runtime.constrained.base import GrammarSpec
 from arborlm.runtime.constrained.cache import GrammarCache
 from arborlm.runtime.constrained.factory import make_backend
+from arborlm.runtime.constrained.json_guard import JSON_KINDS, JsonGuard
+from arborlm.runtime.constrained.vocab import token_bytes
 from arborlm.runtime.constrained.jump_forward import JumpForward
 from arborlm.runtime.model import loader
 from arborlm.runtime.model_runner import ModelRunner
@@ -51,6 +53,10 @@ class EngineCore:
         eos = tok.eos_token_id if tok.eos_token_id is not None else min(self.eos_ids)
         self.grammars = GrammarCache(make_backend(args.grammar_backend, tok, eos, self.runner.vocab_size))
         self.jump_forward = JumpForward(tok) if args.enable_jump_forward else None
+        self.json_guard = None
+        if args.json_max_string_length or args.json_max_depth:
+            self.json_guard = JsonGuard(token_bytes(tok), self.runner.vocab_size,
+                                        args.json_max_string_length, args.json_max_depth)
         tree = RadixCache(self.runner.kv_pool.free, disable=args.disable_radix_cache)
         self.scheduler = Scheduler(self.runner.req_pool, self.runner.kv_pool, tree, SchedulerConfig(
             context_length=self.runner.context_length, max_running_requests=args.max_running_requests,
@@ -86,6 +92,8 @@ class EngineCore:
     def _admit(self, req: Req) -> None:
         if req.grammar_future is not None:
             req.grammar = req.grammar_future.result().matcher()  # raises the compile error
+            if self.json_guard is not None and GrammarSpec.from_params(req.params).kind in JSON_KINDS:
+                req.grammar = self.json_guard.matcher(req.grammar)
         self.scheduler.add_request(req)
 
     def _admit_compiled(self) -> list[tuple[Req, BaseException]]:

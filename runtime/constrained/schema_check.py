@@ -1,7 +1,7 @@
 """Refuse JSON Schema keywords a backend would silently ignore.
 
 Both backends drop some keywords without a word (outlines-core: number bounds, uniqueItems,
-anything beside `enum`; xgrammar: uniqueItems, `not`, `if`, multi-branch allOf, unknown formats),
+anything beside `enum`; xgrammar: uniqueItems, `not`, `if`, multi-branch allOf, unknown formats, a length beside a format),
 which yields output that fails validation. Each backend declares what it enforces; anything else
 is a GrammarError naming the keyword and where it sits. outlines-core is stricter still: its
 format regexes (except uuid) admit text that is invalid JSON or not of the format (a quote in an
@@ -37,7 +37,6 @@ class Support:
     keywords: frozenset
     formats: frozenset
     pattern_with_length: bool = False
-    format_with_length: bool = False
     size_with_properties: bool = False  # minProperties / maxProperties beside properties
     recursion: bool = True  # a $ref that reaches itself
 
@@ -49,7 +48,6 @@ XGRAMMAR = Support(
               "minProperties", "maxProperties", "patternProperties", "propertyNames"},
     frozenset({"date-time", "date", "time", "uuid", "uri", "email", "ipv4", "ipv6", "hostname",
                "duration", "uri-reference", "uri-template", "json-pointer"}),
-    format_with_length=True,
     size_with_properties=True,
 )
 
@@ -124,7 +122,7 @@ def _check_combinations(node: dict, s: Support, path: str) -> None:
     has_length = any(k in node for k in LENGTH)
     if "pattern" in node and (has_length and not s.pattern_with_length or "format" in node):
         _fail(s, path, "pattern combined with minLength/maxLength/format")
-    if "format" in node and has_length and not s.format_with_length:
+    if "format" in node and has_length:  # xgrammar too drops the length beside a format
         _fail(s, path, "format combined with minLength/maxLength")
     if "required" in node and "properties" not in node:
         _fail(s, path, "required without properties")
