@@ -55,6 +55,8 @@ class JsonGuard:
         closes = np.zeros(bitmask_words(vocab_size) * 32, dtype=bool)
         flat = np.ones_like(closes)
         for tok, data in token_bytes.items():
+            if tok >= len(closes):  # a tokenizer entry past the model's vocabulary
+                continue
             closes[tok] = data[:1] == b'"'
             flat[tok] = not (_OPEN & set(data))
         self.closes, self.flat = _pack(closes), _pack(flat)
