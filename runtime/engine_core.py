@@ -16,8 +16,8 @@ from arborlm.runtime.constrained.base import GrammarSpec
 from arborlm.runtime.constrained.cache import GrammarCache
 from arborlm.runtime.constrained.factory import make_backend
 from arborlm.runtime.constrained.json_guard import JSON_KINDS, JsonGuard
-from arborlm.runtime.constrained.vocab import token_bytes
 from arborlm.runtime.constrained.jump_forward import JumpForward
+from arborlm.runtime.constrained.vocab import token_bytes
 from arborlm.runtime.model import loader
 from arborlm.runtime.model_runner import ModelRunner
 from arborlm.runtime.scheduler.req import Req

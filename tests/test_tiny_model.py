@@ -112,3 +112,5 @@ def test_engine_argument_errors(tiny_model_dir):
         Engine(tiny_model_dir, max_tokens_total=5)
     with pytest.raises(ValueError, match="dtype"):
         Engine(tiny_model_dir, dtype="int3")
+    with pytest.raises(ValueError, match="json_max_depth"):
+        Engine(tiny_model_dir, json_max_depth=-1)
