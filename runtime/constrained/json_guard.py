@@ -100,6 +100,7 @@ class GuardedMatcher:
         self.inner, self.guard = inner, guard
         self.state = LexState()
         self.history: list[LexState] = []
+        self.plan: list[int] = []  # the rest of the filler path being forced, found once per string end
 
     def fill_bitmask(self, row: torch.Tensor) -> None:
         self.inner.fill_bitmask(row)
@@ -107,12 +108,13 @@ class GuardedMatcher:
         if s.in_string and not s.escaped and s.chars >= g.max_string:
             narrowed = row & g.closes
             if not narrowed.any():
-                path = self._path_to_quote()
-                if not path:
+                self.plan = self.plan or self._path_to_quote() or []
+                if not self.plan:
                     return
+                tok = self.plan[0]
                 narrowed.zero_()
-                bit = 1 << (path[0] % 32)
-                narrowed[path[0] // 32] = bit - (1 << 32) if bit >= 1 << 31 else bit  # as int32
+                bit = 1 << (tok % 32)
+                narrowed[tok // 32] = bit - (1 << 32) if bit >= 1 << 31 else bit  # as int32
         elif not s.in_string and s.depth >= g.max_depth:
             narrowed = row & g.flat
         else:
@@ -156,11 +158,13 @@ class GuardedMatcher:
         if not self.inner.accept(token):
             return False
         self.history.append(self.state)
+        self.plan = self.plan[1:] if self.plan and self.plan[0] == token else []
         self.state = self.guard.step(self.state, self.guard.token_bytes.get(token, b""))
         return True
 
     def rollback(self, n: int) -> None:
         self.inner.rollback(n)
+        self.plan = []
         if n:
             self.state = self.history[-n]
             del self.history[-n:]

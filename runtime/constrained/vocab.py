@@ -4,6 +4,9 @@ the vocabulary as byte strings; jump-forward needs each token's bytes to follow 
 from __future__ import annotations
 
 import re
+import weakref
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _gpt2_char_to_byte() -> dict[str, int]:
@@ -21,7 +24,15 @@ _SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 def token_bytes(tokenizer) -> dict[int, bytes]:
-    """Bytes of every non-special token: byte-level BPE (GPT-2 alphabet) or SentencePiece (▁, <0xNN>)."""
+    """Bytes of every non-special token: byte-level BPE (GPT-2 alphabet) or SentencePiece (▁, <0xNN>).
+    Built once per tokenizer object (the outlines backend and the JSON guard both read it); callers
+    must not modify the dict."""
+    if tokenizer not in _CACHE:
+        _CACHE[tokenizer] = _token_bytes(tokenizer)
+    return _CACHE[tokenizer]
+
+
+def _token_bytes(tokenizer) -> dict[int, bytes]:
     special = set(tokenizer.all_special_ids)
     vocab = {t: i for t, i in tokenizer.get_vocab().items() if i not in special}
     c2b = _gpt2_char_to_byte()
