@@ -24,9 +24,16 @@ class EngineArgs:
     chunked_prefill_size: int = 8192  # prefill token budget of one step; longer prompts go in chunks
     disable_radix_cache: bool = False
     schedule_policy: str = "lpm"  # fcfs | lpm | dfs-weight
-    attention_backend: str = "auto"  # auto (triton on a GPU, else torch) | torch | triton
+    attention_backend: str = "auto"  # auto (triton on a GPU, else cpu) | cpu (C++, pool read in place) | torch | triton
     random_seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    # Weight-only quantisation of the layer projections for few-row (decode) matmuls:
+    # none | int8 | int4; None picks per dtype and CPU (runtime/model/execution.py says why).
+    quantization: str | None = None
+    # Decode steps as torch.compile'd graphs, one per batch-size bucket (CPU). None: on for bf16 and
+    # fp16, off for float32 (the reference precision runs eagerly, as transformers does).
+    compile_decode: bool | None = None
+    compile_in_background: bool = True  # decode eagerly while a bucket's graph compiles
     grammar_backend: str = "xgrammar"  # xgrammar | outlines (docs/benchmarks.md: why xgrammar)
     enable_jump_forward: bool = True  # append a grammar's forced strings without a decode step each
     # Where a JSON output (json_schema, json_object) is steered to close rather than loop to
@@ -35,10 +42,14 @@ class EngineArgs:
     json_max_depth: int = 16  # objects and arrays open at once
 
     def __post_init__(self):
+        from arborlm.runtime.model.execution import QUANTIZATIONS
+
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: expected one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend: expected auto, torch or triton, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "cpu", "torch", "triton"):
+            raise ValueError(f"attention_backend: expected auto, cpu, torch or triton, got {self.attention_backend!r}")
         from arborlm.runtime.scheduler.policy import POLICIES
 
         if self.schedule_policy not in POLICIES:

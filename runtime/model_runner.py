@@ -12,9 +12,10 @@ import torch
 from arborlm.runtime.cache.memory_pool import ReqToTokenPool, TokenToKVPool
 from arborlm.runtime.config import EngineArgs
 from arborlm.runtime.model import loader
+from arborlm.runtime.model import registry
 from arborlm.runtime.model.attention import make_attention_backend
+from arborlm.runtime.model.execution import plan_execution
 from arborlm.runtime.model.forward_batch import ForwardBatch
-from arborlm.runtime.model.llama import LlamaModel
 from arborlm.runtime.sampling.sampler import SampleOutput, Sampler, SampleRow
 from arborlm.runtime.scheduler.scheduler import ScheduleBatch
 
@@ -33,9 +34,11 @@ class ModelRunner:
         self.args = args
         self.files = loader.resolve_model(args.model_path, args.tokenizer_path)
         self.config = loader.load_config(self.files.model_dir)
-        self.context_length = args.context_length or self.config.max_position_embeddings
-        self.model = LlamaModel(self.config, loader.load_weights(self.files.model_dir), args.torch_dtype,
-                                self.context_length)
+        limit = registry.context_limit(self.config)
+        self.context_length = min(args.context_length or limit, limit)
+        self.plan = plan_execution(args.torch_dtype, args.quantization, args.device, args.compile_decode)
+        self.model = registry.model_class(self.config)(self.config, loader.load_weights(self.files.model_dir),
+                                                       self.plan, self.context_length)
         m = self.model
         per_token = TokenToKVPool.bytes_per_token(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype)
         size = args.max_total_tokens or int(args.kv_cache_gb * (1 << 30)) // per_token
@@ -43,7 +46,13 @@ class ModelRunner:
         self.req_pool = ReqToTokenPool(args.max_running_requests, self.context_length)
         self.attn = make_attention_backend(args.attention_backend, self.kv_pool, m.num_heads, m.num_kv_heads, m.head_dim)
         self.vocab_size = self.config.vocab_size
-        logger.info("model loaded in %.1fs; KV pool %d tokens", time.perf_counter() - t0, size)
+        self.decode_graphs = None
+        if self.plan.compile_decode:
+            from arborlm.runtime.model.decode_graph import DecodeGraphs
+
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_pool, self.req_pool.table,
+                                              background=args.compile_in_background)
+        logger.info("model loaded in %.1fs; KV pool %d tokens; %s", time.perf_counter() - t0, size, self.plan.describe())
 
     def make_sampler(self, eos_ids: set[int]) -> Sampler:
         return Sampler(self.vocab_size, eos_ids, seed=self.args.random_seed)
@@ -130,7 +139,7 @@ class ModelRunner:
     def run(self, batch: ScheduleBatch, sampler: Sampler) -> tuple[list[int | None], SampleOutput | None]:
         """Forward one step; return the sampled token per request (None where it only prefilled)."""
         fb, prompt_rows = self.forward_batch(batch)
-        logits = self.model.forward(fb, self.attn)
+        logits = self._forward(batch, fb, prompt_rows)
         if prompt_rows:
             self._record_prompt_logprobs(batch, logits, prompt_rows)
         sampling = [i for i, s in enumerate(batch.samples) if s and batch.reqs[i].params.max_new_tokens > 0]
@@ -151,6 +160,14 @@ class ModelRunner:
             next_ids[i] = out.next_ids[j]
             full_lp[i], full_top[i] = out.logprobs[j], out.top_logprobs[j]
         return next_ids, SampleOutput(next_ids, full_lp, full_top)
+
+    def _forward(self, batch: ScheduleBatch, fb: ForwardBatch, prompt_rows) -> torch.Tensor:
+        """A pure decode step runs as a compiled graph when one is ready for its batch size."""
+        graphs = self.decode_graphs
+        if graphs is not None and fb.num_decode == len(batch.reqs) and not prompt_rows and graphs.available(fb.num_decode):
+            prefix = 0 if fb.decode_prefix_slots is None else int(fb.decode_prefix_slots.numel())
+            return graphs(fb.input_ids, fb.positions, fb.out_slots, fb.req_rows, fb.seq_lens, prefix)
+        return self.model.forward(fb, self.attn)
 
     @staticmethod
     def _record_prompt_logprobs(batch: ScheduleBatch, logits: torch.Tensor, prompt_rows) -> None:

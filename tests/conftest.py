@@ -29,9 +29,9 @@ def tokenizer(real_model_dir):
 
 def save_tiny_model(path: str, tokenizer_dir: str, arch: str = "llama", seed: int = 0, **overrides) -> str:
     """A random-weight model with the real tokenizer (so text round-trips), small enough to be fast."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    cfg_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    cfg_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
     kwargs = dict(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

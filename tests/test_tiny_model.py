@@ -10,7 +10,7 @@ import torch
 from arborlm.runtime import Engine
 from arborlm.runtime.errors import ModelLoadError, UnsupportedError
 from arborlm.runtime.model import loader
-from arborlm.runtime.model.linear import compute_dtype
+from arborlm.runtime.model.execution import plan_execution
 
 from conftest import assert_pool_clean, save_tiny_model
 
@@ -28,9 +28,10 @@ def hf_greedy(path, ids, n):
     return out[0, len(ids):].tolist(), logits
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_greedy_matches_transformers(arch, tmp_path, real_model_dir):
-    extra = {"rope_theta": 500.0} if arch == "qwen2" else {"tie_word_embeddings": False}
+    extra = {"llama": {"tie_word_embeddings": False}, "qwen2": {"rope_theta": 500.0},
+             "mistral": {"sliding_window": 4096}}[arch]
     path = save_tiny_model(str(tmp_path / arch), real_model_dir, arch=arch, seed=3, **extra)
     with Engine(path, dtype="float32", max_total_tokens=2048) as eng:
         outs = eng.generate(input_ids=PROMPTS, sampling_params={"temperature": 0, "max_new_tokens": 24, "ignore_eos": True})
@@ -47,6 +48,13 @@ def test_greedy_matches_transformers(arch, tmp_path, real_model_dir):
     assert torch.allclose(torch.tensor([v for v, _, _ in ours]), ref_top.values, atol=1e-4)
 
 
+def test_mistral_context_is_capped_at_its_sliding_window(tmp_path, real_model_dir):
+    path = save_tiny_model(str(tmp_path / "mistral"), real_model_dir, arch="mistral", sliding_window=128)
+    with Engine(path, dtype="float32", max_total_tokens=1024) as eng:
+        assert eng.runner.context_length == 128
+        assert type(eng.runner.model).__name__ == "MistralForCausalLM"
+
+
 def test_chunked_prefill_and_batching_do_not_change_greedy_output(tiny_model_dir):
     sp = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
     with Engine(tiny_model_dir, dtype="float32", max_total_tokens=4096) as eng:
@@ -61,11 +69,12 @@ def test_chunked_prefill_and_batching_do_not_change_greedy_output(tiny_model_dir
 
 def test_bfloat16_runs_and_mostly_agrees(tiny_model_dir):
     sp = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
-    with Engine(tiny_model_dir, dtype="bfloat16", max_total_tokens=1024) as eng:
+    with Engine(tiny_model_dir, dtype="bfloat16", quantization="none", max_total_tokens=1024,
+                compile_decode=False) as eng:
         out = eng.generate(input_ids=PROMPTS[1], sampling_params=sp)
-        # AVX2-only CPUs compute in fp32 and keep bf16 weight copies for one-row matmuls
-        assert eng.runner.kv_pool.k_buffer.dtype == compute_dtype(torch.bfloat16)
-        assert eng.runner.model.layers[0]["qkv"].small is None or eng.runner.model.layers[0]["qkv"].small.dtype == torch.bfloat16
+        # AVX2-only CPUs compute in fp32 (activations, KV, dense weights)
+        assert eng.runner.kv_pool.k_buffer.dtype == plan_execution(torch.bfloat16, None).act_dtype
+        assert eng.runner.model.layers[0].qkv.form == "none"
     ref, _ = hf_greedy(tiny_model_dir, PROMPTS[1], 8)
     assert out["output_ids"][:2] == ref[:2]
 

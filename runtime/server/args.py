@@ -48,8 +48,8 @@ class ServerArgs(EngineArgs):
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             kind = str(f.type)
-            if kind == "bool":
-                p.add_argument(flag, action="store_true", default=f.default)
+            if kind.startswith("bool"):  # --flag / --no-flag, so a default-on feature can be turned off
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
             else:
                 conv = int if kind.startswith("int") else float if kind.startswith("float") else str
                 p.add_argument(flag, type=conv, default=f.default)

@@ -1,0 +1,1 @@
+"""One file per model family; `registry.py` maps an HF `architectures` name to its class."""

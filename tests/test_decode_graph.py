@@ -1,0 +1,52 @@
+"""Compiled decode steps (one graph per batch-size bucket) on the tiny model: the same tokens as
+eager decode, and no recompile as contexts grow."""
+
+import torch
+
+from arborlm.runtime import Engine
+from arborlm.runtime.model.decode_graph import BUCKETS, bucket_for
+
+from conftest import assert_pool_clean
+
+PROMPTS = [[1, 504, 3575, 282], list(range(100, 140)), [7] * 3]
+
+
+def test_buckets_cover_the_batch_sizes():
+    assert bucket_for(1) == 1 and bucket_for(3) == 4 and bucket_for(33) == 48
+    assert bucket_for(BUCKETS[-1] + 1) is None
+
+
+def test_compiled_decode_matches_eager_and_never_recompiles(tiny_model_dir):
+    import torch._dynamo
+
+    sp = {"temperature": 0, "max_new_tokens": 200, "ignore_eos": True}
+    with Engine(tiny_model_dir, dtype="float32", max_total_tokens=4096, compile_decode=False) as eng:
+        eager_one = eng.generate(input_ids=PROMPTS[1], sampling_params=sp)["output_ids"]
+        eager_batch = [o["output_ids"] for o in eng.generate(input_ids=PROMPTS, sampling_params=sp)]
+    torch._dynamo.reset()
+    with Engine(tiny_model_dir, dtype="float32", max_total_tokens=4096, compile_decode=True,
+                compile_in_background=False) as eng:
+        graphs = eng.runner.decode_graphs
+        # 200 growing decode steps of one request: bucket 1 compiles once, then any recompile raises
+        one = eng.generate(input_ids=PROMPTS[1], sampling_params={**sp, "max_new_tokens": 2})["output_ids"]
+        assert graphs.ready == {1}, graphs.failed
+        calls = graphs.calls
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            one = eng.generate(input_ids=PROMPTS[1], sampling_params=sp)["output_ids"]
+        assert graphs.calls - calls == 199
+        batch = [o["output_ids"] for o in eng.generate(input_ids=PROMPTS, sampling_params=sp)]
+        assert 4 in graphs.ready and not graphs.failed  # 3 rows run padded to the bucket of 4
+        assert_pool_clean(eng)
+    assert one == eager_one
+    assert batch == eager_batch
+
+
+def test_background_compile_serves_eagerly_meanwhile(tiny_model_dir):
+    sp = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+    with Engine(tiny_model_dir, dtype="float32", max_total_tokens=2048, compile_decode=True) as eng:
+        first = eng.generate(input_ids=PROMPTS[0], sampling_params=sp)["output_ids"]
+        eng.runner.decode_graphs.wait(timeout=300)
+        assert 1 in eng.runner.decode_graphs.ready
+        again = eng.generate(input_ids=PROMPTS[0], sampling_params=sp)["output_ids"]
+        assert_pool_clean(eng)
+    assert first == again
