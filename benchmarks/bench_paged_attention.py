@@ -20,6 +20,7 @@ import torch
 
 from arborlm.runtime.cache.memory_pool import ReqToTokenPool, TokenToKVPool
 from arborlm.runtime.model.attention import TorchAttentionBackend
+from arborlm.runtime.model.execution import cpu_flags
 from arborlm.runtime.model.forward_batch import ForwardBatch
 from arborlm.runtime.model.layers.paged_attention import CpuPagedAttentionBackend, load_extension
 
@@ -27,11 +28,8 @@ H, HKV, D = 9, 3, 64  # SmolLM2-135M
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def cpu_flags() -> str:
-    try:
-        flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return "unknown"
+def cpu_flag_summary() -> str:
+    flags = cpu_flags()
     wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
     return " ".join(f"{w}={'yes' if w in flags else 'no'}" for w in wanted)
 
@@ -107,7 +105,7 @@ def main():
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
     load_extension()
-    print(f"extension ready in {time.perf_counter() - t:.1f}s; threads={torch.get_num_threads()}; {cpu_flags()}")
+    print(f"extension ready in {time.perf_counter() - t:.1f}s; threads={torch.get_num_threads()}; {cpu_flag_summary()}")
     print(f"shape H={H} Hkv={HKV} D={D}; time per layer call (k/v write + attention), walking {args.layers} layers, "
           f"median of {args.reps}\n")
     cases = [(1, 200, 0), (1, 1000, 0), (1, 4000, 0), (32, 200, 0), (32, 200, 1000)]

@@ -75,14 +75,16 @@ class ModelRunner:
         rows = [r.row for r in batch.reqs]
         ends = [p + n for p, n in zip(batch.prefix_lens, batch.extend_lens)]
         out_slots = torch.cat([table[r, p:e] for r, p, e in zip(rows, batch.prefix_lens, ends)])
+        gathers = getattr(self.attn, "gathers_slots", False)
         for i in range(n_ext):
-            slots_ext.append(table[rows[i], : ends[i]] if batch.prefix_lens[i] else None)
+            slots_ext.append(table[rows[i], : ends[i]] if gathers and batch.prefix_lens[i] else None)
         decode_slots = decode_mask = prefix_slots = None
         if batch.num_decode:
             d_rows, d_lens = torch.tensor(rows[n_ext:]), torch.tensor(ends[n_ext:])
             p = self._shared_prefix_len(d_rows, int(d_lens.min()))
             if p:
                 prefix_slots = table[d_rows[0], :p]
+        if batch.num_decode and gathers:
             lens = d_lens - p
             L = int(lens.max())
             decode_slots = table[d_rows, p : p + L]

@@ -44,6 +44,10 @@ def make_attention_backend(name: str, kv_pool: TokenToKVPool, num_heads: int, nu
 
 
 class TorchAttentionBackend:
+    # Reads the pool through the padded slot index the model runner gathers each step (the other
+    # backends read it in place through the request-to-token table and need no such index).
+    gathers_slots = True
+
     def __init__(self, kv_pool: TokenToKVPool, num_heads: int, num_kv_heads: int, head_dim: int):
         self.pool = kv_pool
         self.num_heads = num_heads

@@ -49,8 +49,7 @@ def cpu_summary() -> str:
 @dataclass(frozen=True)
 class ExecutionPlan:
     dtype: torch.dtype  # what the user asked for (weights as stored)
-    act_dtype: torch.dtype  # activations and the KV pool
-    dense_dtype: torch.dtype  # the dense weight copy batched matmuls use
+    act_dtype: torch.dtype  # activations, the KV pool and the dense weight batched matmuls use
     quantization: str  # none | int8 | int4: the weight-only form of one-row matmuls
     small_rows: int  # rows up to which the quantised weight is used
     compile_decode: bool  # run decode steps as torch.compile'd graphs
@@ -58,7 +57,7 @@ class ExecutionPlan:
     def describe(self) -> str:
         dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         q = "" if self.quantization == "none" else f", {self.quantization} weights for <= {self.small_rows} rows"
-        return (f"{dt[self.act_dtype]} activations, {dt[self.dense_dtype]} dense weights{q}, "
+        return (f"{dt[self.act_dtype]} activations, {dt[self.act_dtype]} dense weights{q}, "
                 f"decode {'compiled' if self.compile_decode else 'eager'}; cpu: {cpu_summary()}")
 
 
@@ -79,5 +78,5 @@ def plan_execution(dtype: torch.dtype, quantization: str | None, device: str = "
     if compile_decode is None:
         compile_decode = dtype != torch.float32
     compile_decode = compile_decode and device == "cpu"
-    return ExecutionPlan(dtype=dtype, act_dtype=act, dense_dtype=act, quantization=quantization,
+    return ExecutionPlan(dtype=dtype, act_dtype=act, quantization=quantization,
                          small_rows=small_rows, compile_decode=compile_decode)

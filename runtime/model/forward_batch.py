@@ -24,7 +24,7 @@ class ForwardBatch:
     extend_slots: list[torch.Tensor]  # per extend request with a prefix: slots of prefix + new tokens
     # Decode part (last num_decode tokens): a padded gather index over the pool and its mask.
     num_decode: int
-    decode_slots: torch.Tensor | None  # [B, L] slot per position, padded with slot 0
+    decode_slots: torch.Tensor | None  # [B, L] slot per position, padded with slot 0 (torch backend only)
     decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where valid; None when no padding
     logit_idx: torch.Tensor  # indices into T whose logits are needed
     # When all decodes share their first P slots (siblings of one cached prefix), those are read

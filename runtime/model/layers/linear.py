@@ -70,7 +70,7 @@ class Linear(nn.Module):
             dense = q.float() * scale.to(torch.bfloat16).float().unsqueeze(1)
             self.register_buffer("qweight", q, persistent=False)
             self.register_buffer("qscale", scale.to(torch.bfloat16), persistent=False)
-        self.register_buffer("weight", dense.to(plan.dense_dtype).contiguous(), persistent=False)
+        self.register_buffer("weight", dense.to(plan.act_dtype).contiguous(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.to(plan.act_dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import shutil
 import threading
 from dataclasses import dataclass
@@ -30,7 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from arborlm.runtime.cache.memory_pool import TokenToKVPool
+from arborlm.runtime.model.execution import cpu_flags
 from arborlm.runtime.model.forward_batch import ForwardBatch
+from arborlm.runtime.model.loader import cache_root
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
@@ -38,21 +39,8 @@ _lock = threading.Lock()
 _ext = None
 
 
-def _cpu_flags() -> str:
-    """The host's CPU feature flags: -march=native code is only valid on a CPU that has them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}"
-
-
 def build_dir(name: str) -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "arborlm" / "torch_extensions" / name
+    return Path(cache_root()) / "torch_extensions" / name
 
 
 def load_extension() -> Path:
@@ -67,7 +55,8 @@ def load_extension() -> Path:
             return _ext
         from torch.utils import cpp_extension
 
-        key = _SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + _cpu_flags().encode() + torch.__version__.encode()
+        # -march=native code runs only on a CPU with the same flags: they are part of the key
+        key = _SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + " ".join(sorted(cpu_flags())).encode() + torch.__version__.encode()
         name = "arborlm_paged_attention_" + hashlib.sha256(key).hexdigest()[:12]
         cxx = os.environ.get("CXX", "c++")
         if shutil.which(cxx) is None:

@@ -62,7 +62,7 @@ class LlamaDecoderLayer(nn.Module):
         """`attend(q [T,H,D], k [T,Hkv,D], v) -> [T, H*D]` writes k/v to the pool and attends."""
         T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(self.in_norm(x))
-        qk = Rotary.apply(qkv[:, : (H + Hkv) * D].view(T, H + Hkv, D), cos, sin)
+        qk = Rotary.rotate(qkv[:, : (H + Hkv) * D].view(T, H + Hkv, D), cos, sin)
         o = attend(qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * D :].view(T, Hkv, D))
         x = x + self.o(o)
         return x + self.down(silu_and_mul(self.gate_up(self.post_norm(x))))
