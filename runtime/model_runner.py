@@ -45,6 +45,7 @@ class ModelRunner:
         self.kv_pool = TokenToKVPool(size, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype)
         self.req_pool = ReqToTokenPool(args.max_running_requests, self.context_length)
         self.attn = make_attention_backend(args.attention_backend, self.kv_pool, m.num_heads, m.num_kv_heads, m.head_dim)
+        m.cpu_fused = getattr(self.attn, "cpu_kernels", False) and m.dtype != torch.float32
         self.vocab_size = self.config.vocab_size
         self.decode_graphs = None
         if self.plan.compile_decode:

@@ -9,117 +9,26 @@ The kernels are `torch.library` custom ops (`arborlm::decode_attention`, `arborl
 `torch.compile`d decode step holds them as opaque nodes and does not recompile as sequences grow
 (sequence lengths and the cascade prefix length travel as tensors, never as Python ints).
 
-Each op has a plain-torch reference of the same signature beside it (`*_ref`), for tests.
-The extension is compiled at first use (JIT, ~25 s on 2 cores) into the user cache, with
--march=native; its directory name hashes the source, the flags, the CPU's feature flags and the
-torch version, so an edit, another CPU or another torch rebuilds and a cached build is reused.
+Each op has a plain-torch reference of the same signature beside it (`*_ref`), for tests. The ops'
+schemas and the build of the extension are in cpu_extension.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from arborlm.runtime.cache.memory_pool import TokenToKVPool
-from arborlm.runtime.model.execution import cpu_flags
 from arborlm.runtime.model.forward_batch import ForwardBatch
-from arborlm.runtime.model.loader import cache_root
+from arborlm.runtime.model.layers.cpu_extension import load_extension
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
-_lock = threading.Lock()
-_ext = None
-
-
-def build_dir(name: str) -> Path:
-    return Path(cache_root()) / "torch_extensions" / name
-
-
-def load_extension() -> Path:
-    """Build the extension (first time for this source, CPU and torch) and load it, registering the
-    ops' CPU kernels; once per process. Call it before torch.compile traces the ops (the backend's
-    constructor does). Returns the library's path."""
-    global _ext
-    if _ext is not None:
-        return _ext
-    with _lock:
-        if _ext is not None:
-            return _ext
-        from torch.utils import cpp_extension
-
-        # -march=native code runs only on a CPU with the same flags: they are part of the key
-        key = _SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + " ".join(sorted(cpu_flags())).encode() + torch.__version__.encode()
-        name = "arborlm_paged_attention_" + hashlib.sha256(key).hexdigest()[:12]
-        cxx = os.environ.get("CXX", "c++")
-        if shutil.which(cxx) is None:
-            raise RuntimeError(
-                f"the CPU paged attention kernel is compiled at first use and needs a C++ compiler ({cxx!r} "
-                "not found; install g++ or clang++, or set CXX), or use attention_backend='torch'"
-            )
-        if shutil.which("ninja") is None:  # the `ninja` wheel (dev extra) puts its binary beside it
-            try:
-                import ninja
-
-                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-            except ImportError:
-                pass
-        d = build_dir(name)
-        d.mkdir(parents=True, exist_ok=True)
-        try:
-            cpp_extension.load(
-                name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-                build_directory=str(d), is_python_module=False, verbose=False,
-            )
-        except Exception as e:  # ninja missing, compiler error: say what was being built and where
-            raise RuntimeError(
-                f"building the CPU paged attention kernel ({_SOURCE.name} in {d}) failed: {e}. It needs a C++17 "
-                "compiler with OpenMP (g++ or clang++) and ninja (pip install ninja); attention_backend='torch' "
-                "does without them"
-            ) from e
-        _ext = d / f"{name}.so"
-    return _ext
-
-
-# ----------------------------------------------------------------------------------------------
-# Custom ops. The schemas and fake kernels live here (so tracing never needs the build); the C++
-# extension registers the CPU kernels when it is loaded. Defining them with torch.library directly,
-# rather than wrapping Python functions with @torch.library.custom_op, keeps an eager call a single
-# C++ dispatch: the wrapper costs ~5 us a call, ~15 us for the mutating kv_write, which times two ops
-# and 30 layers is more than the attention itself at short contexts.
-
-_lib = torch.library.Library("arborlm", "FRAGMENT")
-_lib.define(
-    "decode_attention(Tensor q, Tensor k_buffer, Tensor v_buffer, int layer, Tensor req_to_token, "
-    "Tensor req_rows, Tensor seq_lens, Tensor prefix_len, float scale) -> Tensor"
-)
-_lib.define(
-    "extend_attention(Tensor q, Tensor k_buffer, Tensor v_buffer, int layer, Tensor req_to_token, int req_row, "
-    "int prefix_len, float scale) -> Tensor"
-)
-_lib.define("kv_write(Tensor(a!) k_buffer, Tensor(b!) v_buffer, int layer, Tensor slots, Tensor k, Tensor v) -> ()")
-
-
-@torch.library.register_fake("arborlm::decode_attention", lib=_lib)
-def _(q, k_buffer, v_buffer, layer, req_to_token, req_rows, seq_lens, prefix_len, scale):
-    return q.new_empty(q.shape)
-
-
-@torch.library.register_fake("arborlm::extend_attention", lib=_lib)
-def _(q, k_buffer, v_buffer, layer, req_to_token, req_row, prefix_len, scale):
-    return q.new_empty(q.shape)
-
-
-@torch.library.register_fake("arborlm::kv_write", lib=_lib)
-def _(k_buffer, v_buffer, layer, slots, k, v):
-    return None
+__all__ = [
+    "CpuPagedAttentionBackend", "decode_attention", "decode_attention_ref", "extend_attention",
+    "extend_attention_ref", "kv_write", "kv_write_ref", "load_extension",
+]
 
 
 def decode_attention(
@@ -129,8 +38,7 @@ def decode_attention(
     """Request b (q[b], [B, H, D]) attends to slots req_to_token[req_rows[b], :seq_lens[b]]. When
     prefix_len (a 0-d int64 tensor) is P > 0, those first P slots are shared by every request and
     read once for the whole batch (cascade). Returns [B, H, D] in q's dtype."""
-    if _ext is None:
-        load_extension()
+    load_extension()
     return torch.ops.arborlm.decode_attention(q, k_buffer, v_buffer, layer, req_to_token, req_rows, seq_lens,
                                               prefix_len, scale)
 
@@ -141,15 +49,13 @@ def extend_attention(
 ) -> Tensor:
     """One request's n new queries (q [n, H, D]) at positions prefix_len.. attend causally to the
     slots req_to_token[req_row, :prefix_len + n], all already written to the pool."""
-    if _ext is None:
-        load_extension()
+    load_extension()
     return torch.ops.arborlm.extend_attention(q, k_buffer, v_buffer, layer, req_to_token, req_row, prefix_len, scale)
 
 
 def kv_write(k_buffer: Tensor, v_buffer: Tensor, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
     """k_buffer[layer][slots] = k and likewise v, in place (k/v [T, Hkv, D], same dtype as the pool)."""
-    if _ext is None:
-        load_extension()
+    load_extension()
     torch.ops.arborlm.kv_write(k_buffer, v_buffer, layer, slots, k, v)
 
 
@@ -217,6 +123,8 @@ class CpuPagedAttentionBackend:
     decode_mask and extend_slots are not read. Long bf16 extends over a prefix gather + SDPA (see
     EXTEND_MAX_ROWS_BF16).
     """
+
+    cpu_kernels = True  # the extension is loaded: the model may use its fused layers too (fused_cpu.py)
 
     def __init__(self, kv_pool: TokenToKVPool, num_heads: int, num_kv_heads: int, head_dim: int):
         load_extension()  # build now: the first step should not pay for it, and errors surface early

@@ -91,13 +91,23 @@ class LlamaForCausalLM(nn.Module):
         # The fused Triton layers of arborlm.kernels: None uses them on CUDA tensors only; True forces
         # them (tests, under Triton's CPU interpreter); False keeps the torch ops.
         self.fused_kernels: bool | None = None
+        # The fused C++ CPU layers (layers/fused_cpu.py) for eager forwards; the model runner turns
+        # them on where their extension is built and activations are bf16/fp16 (float32 keeps
+        # torch's op sequence, the reference the token-identity tests check).
+        self.cpu_fused = False
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, attn) -> torch.Tensor:
         """Any batch, eagerly; float32 logits [len(batch.logit_idx), vocab]."""
         x = F.embedding(batch.input_ids, self.embed)
         if (x.is_cuda if self.fused_kernels is None else self.fused_kernels):
-            return self._forward_fused(batch, attn, x)
+            from arborlm import kernels
+
+            return self._forward_fused(batch, attn, x, kernels)
+        if self.cpu_fused:
+            from arborlm.runtime.model.layers import fused_cpu
+
+            return self._forward_fused(batch, attn, x, fused_cpu)
         cos, sin = self.rotary.tables(batch.positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, lambda q, k, v: attn.forward(q, k, v, i, batch))
@@ -123,11 +133,11 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, attend)
         return self.lm_head(self.final_norm(x)).float()
 
-    def _forward_fused(self, batch: ForwardBatch, attn, x: torch.Tensor) -> torch.Tensor:
-        """`forward` with the Triton kernels: each residual add rides in the next norm, RoPE rotates
-        q and k where they lie in the qkv output, and the MLP's activation is one pass."""
-        from arborlm.kernels import rmsnorm, rope, silu_and_mul as fused_silu_and_mul
-
+    def _forward_fused(self, batch: ForwardBatch, attn, x: torch.Tensor, ops) -> torch.Tensor:
+        """`forward` with fused layers (`ops`: arborlm.kernels' Triton ones or layers.fused_cpu's
+        C++ ones, same signatures): each residual add rides in the next norm, RoPE rotates q and k
+        where they lie in the qkv output, and the MLP's activation is one pass."""
+        rmsnorm, rope, fused_silu_and_mul = ops.rmsnorm, ops.rope, ops.silu_and_mul
         T = batch.num_tokens
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         layers = self.layers

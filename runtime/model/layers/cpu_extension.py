@@ -1,0 +1,131 @@
+"""arborlm's C++ CPU kernels: one extension (csrc/*.cpp), built at first use, and the schemas of its ops.
+
+The extension is compiled at first use (JIT, ~30 s on 2 cores) into the user cache, with
+-march=native; its directory name hashes the sources, the flags, the CPU's feature flags and the
+torch version, so an edit, another CPU or another torch rebuilds and a cached build is reused.
+The ops (namespace `arborlm`) are declared here with fake kernels, so tracing never needs the build;
+paged_attention.py and fused_cpu.py hold their Python wrappers and torch references.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+from arborlm.runtime.model.execution import cpu_flags
+from arborlm.runtime.model.loader import cache_root
+
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "elementwise.cpp"]
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+_lock = threading.Lock()
+_ext = None
+
+
+def build_dir(name: str) -> Path:
+    return Path(cache_root()) / "torch_extensions" / name
+
+
+def load_extension() -> Path:
+    """Build the extension (first time for this source, CPU and torch) and load it, registering the
+    ops' CPU kernels; once per process. Call it before torch.compile traces the ops (the backend's
+    constructor does). Returns the library's path."""
+    global _ext
+    if _ext is not None:
+        return _ext
+    with _lock:
+        if _ext is not None:
+            return _ext
+        from torch.utils import cpp_extension
+
+        # -march=native code runs only on a CPU with the same flags: they are part of the key
+        key = b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_CFLAGS).encode()
+        key += " ".join(sorted(cpu_flags())).encode() + torch.__version__.encode()
+        name = "arborlm_cpu_" + hashlib.sha256(key).hexdigest()[:12]
+        cxx = os.environ.get("CXX", "c++")
+        if shutil.which(cxx) is None:
+            raise RuntimeError(
+                f"arborlm's CPU kernels are compiled at first use and need a C++ compiler ({cxx!r} not found; "
+                "install g++ or clang++, or set CXX), or use attention_backend='torch'"
+            )
+        if shutil.which("ninja") is None:  # the `ninja` wheel (dev extra) puts its binary beside it
+            try:
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            except ImportError:
+                pass
+        d = build_dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        try:
+            cpp_extension.load(
+                name=name, sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                build_directory=str(d), is_python_module=False, verbose=False,
+            )
+        except Exception as e:  # ninja missing, compiler error: say what was being built and where
+            raise RuntimeError(
+                f"building the CPU kernels ({', '.join(p.name for p in _SOURCES)} in {d}) failed: {e}. It needs a C++17 "
+                "compiler with OpenMP (g++ or clang++) and ninja (pip install ninja); attention_backend='torch' "
+                "does without them"
+            ) from e
+        _ext = d / f"{name}.so"
+    return _ext
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops. The schemas and fake kernels live here (so tracing never needs the build); the C++
+# extension registers the CPU kernels when it is loaded. Defining them with torch.library directly,
+# rather than wrapping Python functions with @torch.library.custom_op, keeps an eager call a single
+# C++ dispatch: the wrapper costs ~5 us a call, ~15 us for the mutating kv_write, which times two ops
+# and 30 layers is more than the attention itself at short contexts.
+
+_lib = torch.library.Library("arborlm", "FRAGMENT")
+_lib.define(
+    "decode_attention(Tensor q, Tensor k_buffer, Tensor v_buffer, int layer, Tensor req_to_token, "
+    "Tensor req_rows, Tensor seq_lens, Tensor prefix_len, float scale) -> Tensor"
+)
+_lib.define(
+    "extend_attention(Tensor q, Tensor k_buffer, Tensor v_buffer, int layer, Tensor req_to_token, int req_row, "
+    "int prefix_len, float scale) -> Tensor"
+)
+_lib.define("kv_write(Tensor(a!) k_buffer, Tensor(b!) v_buffer, int layer, Tensor slots, Tensor k, Tensor v) -> ()")
+
+
+@torch.library.register_fake("arborlm::decode_attention", lib=_lib)
+def _(q, k_buffer, v_buffer, layer, req_to_token, req_rows, seq_lens, prefix_len, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("arborlm::extend_attention", lib=_lib)
+def _(q, k_buffer, v_buffer, layer, req_to_token, req_row, prefix_len, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("arborlm::kv_write", lib=_lib)
+def _(k_buffer, v_buffer, layer, slots, k, v):
+    return None
+
+
+_lib.define("rmsnorm(Tensor x, Tensor weight, float eps, Tensor? residual=None) -> (Tensor, Tensor)")
+_lib.define("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor positions) -> ()")
+_lib.define("silu_and_mul(Tensor x) -> Tensor")
+
+
+@torch.library.register_fake("arborlm::rmsnorm", lib=_lib)
+def _(x, weight, eps, residual=None):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.register_fake("arborlm::rope_", lib=_lib)
+def _(q, k, cos, sin, positions):
+    return None
+
+
+@torch.library.register_fake("arborlm::silu_and_mul", lib=_lib)
+def _(x):
+    return x.new_empty((x.shape[0], x.shape[1] // 2))
