@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
 
 from arborlm.lang import choices as _choices
 from arborlm.lang import ir
@@ -10,10 +12,53 @@ from arborlm.lang.program import Function
 
 
 def function(func=None, *, num_api_spec_tokens=None):
-    """Decorator: a program whose first parameter is the state `s`."""
+    """Decorator: a program whose first parameter is the state `s`.
+
+    `num_api_spec_tokens` (SGLang's speculative execution for API models: one long call whose output
+    is cut into several `gen`s) is not implemented; rather than ignore it, it is refused."""
+    if num_api_spec_tokens is not None:
+        raise NotImplementedError(
+            "function(num_api_spec_tokens=...): API speculative execution is not supported by arborlm.lang; "
+            "remove the argument (each gen then makes its own call)")
     if func is None:
         return lambda f: Function(f)
     return Function(func)
+
+
+def set_default_backend(backend) -> None:
+    """Programs run on `backend` (a Backend or an arborlm Engine) unless run(backend=...) says otherwise."""
+    from arborlm.lang import backend as _backend
+
+    _backend.set_default_backend(backend)
+
+
+def flush_cache(backend=None) -> bool:
+    """Empty the prefix cache of `backend` (default: the default backend); False while requests run,
+    or when there is no backend (as in SGLang)."""
+    from arborlm.lang import backend as _backend, loop
+
+    if backend is None and _backend._default is None:
+        return False
+    return loop.run_sync(_backend.resolve(backend).flush_cache())
+
+
+def get_server_info(backend=None) -> dict | None:
+    """The settings and scheduler counters of `backend` (default: the default backend; None without one)."""
+    from arborlm.lang import backend as _backend, loop
+
+    if backend is None and _backend._default is None:
+        return None
+    return loop.run_sync(_backend.resolve(backend).server_info())
+
+
+def image(path):
+    """SGLang's image input: arborlm serves text-only models, so this is refused where it is written."""
+    raise NotImplementedError(f"image({path!r}): not supported by this model (arborlm serves text-only models)")
+
+
+def video(path, num_frames=None):
+    """SGLang's video input: refused, as image() is."""
+    raise NotImplementedError(f"video({path!r}): not supported by this model (arborlm serves text-only models)")
 
 
 def _schema(json_schema) -> tuple[str | None, type | None]:
@@ -27,36 +72,47 @@ def _schema(json_schema) -> tuple[str | None, type | None]:
     raise TypeError(f"json_schema: a dict, a JSON string or a pydantic model class, got {json_schema!r}")
 
 
-def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int | None = None,
+def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int | None = None, n: int | None = None,
         stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
-        temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
-        min_p: float | None = None, frequency_penalty: float | None = None, presence_penalty: float | None = None,
-        ignore_eos: bool | None = None, return_logprob: bool | None = None, logprob_start_len: int | None = None,
-        top_logprobs_num: int | None = None, return_text_in_logprobs: bool | None = None, dtype: type | None = None,
+        stop_regex: str | list[str] | None = None, temperature: float | None = None, top_p: float | None = None,
+        top_k: int | None = None, min_p: float | None = None, frequency_penalty: float | None = None,
+        presence_penalty: float | None = None, ignore_eos: bool | None = None, return_logprob: bool | None = None,
+        logprob_start_len: int | None = None, top_logprobs_num: int | None = None,
+        return_text_in_logprobs: bool | None = None, dtype: type | str | None = None,
         choices: list[str] | None = None, choices_method=None, regex: str | None = None, json_schema=None):
-    """Generate into variable `name`; with `choices`, the same as select(name, choices)."""
-    if choices is not None:
+    """Generate into variable `name` (SGLang's signature). `choices` makes it select(name, choices);
+    `dtype` (int, float, bool, str or their names) constrains it with SGLang's REGEX_* (and wins over
+    `regex`, with a warning, as in SGLang); `n` > 1 makes the variable a list of n samples (the text
+    continues with the first)."""
+    if choices:
         return select(name, choices, temperature=temperature or 0.0,
                       choices_method=choices_method or _choices.token_length_normalized)
-    if dtype not in (None, int, str):
-        raise TypeError(f"gen {name!r}: dtype must be int or str, got {dtype!r}")
-    if regex is None and dtype is not None:
-        regex = ir.REGEX_INT if dtype is int else ir.REGEX_STR
+    if dtype is not None:
+        if dtype not in ir.DTYPE_REGEX:
+            raise TypeError(f"gen {name!r}: dtype must be int, float, bool or str, got {dtype!r}")
+        if regex is not None:
+            warnings.warn(f"gen {name!r}: both dtype and regex are set; dtype is used (as SGLang does)", stacklevel=2)
+        regex = ir.DTYPE_REGEX[dtype]
+    if regex is not None:
+        re.compile(regex)  # a bad pattern fails here, where it is written
     schema, model = _schema(json_schema)
     if regex is not None and schema is not None:
         raise ValueError(f"gen {name!r}: pass regex or json_schema, not both")
-    params = ir.SamplingParams(max_tokens, min_tokens, stop, stop_token_ids, temperature, top_p, top_k, min_p,
-                               frequency_penalty, presence_penalty, ignore_eos, regex, schema, return_logprob,
-                               logprob_start_len, top_logprobs_num, return_text_in_logprobs)
+    params = ir.SamplingParams(max_new_tokens=max_tokens, min_new_tokens=min_tokens, stop=stop,
+                               stop_token_ids=stop_token_ids, stop_regex=stop_regex, n=n, temperature=temperature,
+                               top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=frequency_penalty,
+                               presence_penalty=presence_penalty, ignore_eos=ignore_eos, regex=regex,
+                               json_schema=schema, return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                               top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
     return ir.Gen(name, params, dtype, model)
 
 
-def gen_int(name: str | None = None, **kwargs):
-    return gen(name, dtype=int, **kwargs)
+def gen_int(name: str | None = None, max_tokens: int | None = None, n: int | None = None, **kwargs):
+    return gen(name, max_tokens=max_tokens, n=n, dtype=int, **kwargs)
 
 
-def gen_string(name: str | None = None, **kwargs):
-    return gen(name, dtype=str, **kwargs)
+def gen_string(name: str | None = None, max_tokens: int | None = None, n: int | None = None, **kwargs):
+    return gen(name, max_tokens=max_tokens, n=n, dtype=str, **kwargs)
 
 
 def select(name: str | None = None, choices: list[str] | None = None, temperature: float = 0.0,
@@ -72,6 +128,11 @@ def select(name: str | None = None, choices: list[str] | None = None, temperatur
 def _role(role: str, expr=None):
     items = [ir.RoleBegin(role)] + ([] if expr is None else [expr]) + [ir.RoleEnd(role)]
     return ir.ExprList(items)
+
+
+def separate_reasoning(expr=None, model_type: str | None = None):
+    """SGLang's reasoning split needs a reasoning parser for the model's think tags; none is built in."""
+    raise NotImplementedError("separate_reasoning(): not supported (arborlm has no reasoning parser)")
 
 
 def system(expr=None):

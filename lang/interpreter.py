@@ -212,6 +212,15 @@ class Executor:
     async def _gen(self, g: ir.Gen) -> None:
         params = g.params.merged(self.defaults)
         call = GenerateCall(text=self.text, sampling_params=params.sampling_dict(), **params.request_dict())
+        if (params.n or 1) > 1:  # SGLang's n: the variable is the list of samples, the text goes on with the first
+            if self.stream:
+                raise ProgramError(f"gen {g.name!r}: n > 1 cannot be streamed")
+            outs = await self.backend.generate(call)
+            self.text += outs[0]["text"]
+            if g.name:
+                self.parsers[g.name] = g
+                self.set_var(g.name, [o["text"] for o in outs], [o["meta_info"] for o in outs])
+            return
         if self.stream:
             call.stream = True
             if g.name:

@@ -8,8 +8,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-REGEX_INT = r"[-+]?[0-9]+"
+# SGLang's regexes for gen(dtype=...), the same strings (sglang/lang/ir.py)
+REGEX_INT = r"[-+]?[0-9]+[ \n]*"
+REGEX_FLOAT = r"[-+]?[0-9]*\.?[0-9]+[ \n]*"
+REGEX_BOOL = r"(True|False)"
 REGEX_STR = r"\"[\w\d\s]*\""
+
+DTYPE_REGEX = {int: REGEX_INT, "int": REGEX_INT, float: REGEX_FLOAT, "float": REGEX_FLOAT,
+               bool: REGEX_BOOL, "bool": REGEX_BOOL, str: REGEX_STR, "str": REGEX_STR}
 
 
 @dataclass
@@ -20,6 +26,8 @@ class SamplingParams:
     min_new_tokens: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    stop_regex: str | list[str] | None = None
+    n: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -85,9 +93,14 @@ class Gen(Expr):
             return self.schema_model.model_validate_json(text)
         if self.params.json_schema is not None:
             return json.loads(text)
-        if self.dtype is int:
+        kind = {int: "int", float: "float", bool: "bool", str: "str"}.get(self.dtype, self.dtype)
+        if kind == "int":
             return int(text.strip())
-        if self.dtype is str and self.params.regex == REGEX_STR:
+        if kind == "float":
+            return float(text.strip())
+        if kind == "bool":
+            return text.strip() == "True"
+        if kind == "str" and self.params.regex == REGEX_STR:
             return json.loads(text)
         return text
 

@@ -194,6 +194,11 @@ class ForkGroup:
     def __getitem__(self, i: int) -> ProgramState:
         return self.states[i]
 
+    def __setitem__(self, i: int, state: ProgramState) -> None:
+        """What `forks[i] += expr` ends with (Python stores the += result back): the same fork."""
+        if state is not self.states[i]:
+            raise TypeError("a fork can only be appended to (forks[i] += ...), not replaced")
+
     def __len__(self) -> int:
         return len(self.states)
 

@@ -21,6 +21,7 @@ from arborlm.runtime.engine_core import EngineCore
 from arborlm.runtime.errors import BadRequestError
 from arborlm.runtime.sampling.params import SamplingParams
 from arborlm.runtime.scheduler.req import Req
+from arborlm.runtime.scheduler.stop_text import stream_safe_len
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ class Engine:
         reqs = []
         for ids, sp in zip(ids_list, per_prompt):
             params = SamplingParams.from_dict(sp)
+            params.check_vocab(self.runner.vocab_size)
             grammar = self.core.grammar_for(params)
             for i in range(params.n):
                 seed = None if params.seed is None else params.seed + i
@@ -216,9 +218,10 @@ class Engine:
                 if err is not None:
                     raise err
                 text = req.detok.text
-                chunk = {"text": text[sent_text:], "output_ids": req.output_ids[sent_ids:],
+                end = len(text) if fin else max(sent_text, stream_safe_len(text, req.params))
+                chunk = {"text": text[sent_text:end], "output_ids": req.output_ids[sent_ids:],
                          "meta_info": self._result(req)["meta_info"]}
-                sent_text, sent_ids = len(text), len(req.output_ids)
+                sent_text, sent_ids = end, len(req.output_ids)
                 if chunk["text"] or chunk["output_ids"] or fin:
                     yield chunk
                 if fin:

@@ -86,3 +86,11 @@ class Backend:
 
     async def model_info(self) -> ModelInfo:
         raise NotImplementedError
+
+    async def flush_cache(self) -> bool:
+        """Empty the server's prefix cache (SGLang's `flush_cache`)."""
+        raise BackendError(f"{type(self).__name__} has no prefix cache to flush")
+
+    async def server_info(self) -> dict:
+        """The server's settings and counters (SGLang's `get_server_info`)."""
+        raise BackendError(f"{type(self).__name__} reports no server info")

@@ -28,3 +28,13 @@ class EngineBackend(Backend):
     async def model_info(self) -> ModelInfo:
         tok = self.engine.tokenizer
         return ModelInfo(tok.chat_template, tok.bos_token, tok.eos_token)
+
+    async def flush_cache(self) -> bool:
+        import asyncio
+
+        return await asyncio.to_thread(self.engine.flush_cache)
+
+    async def server_info(self) -> dict:
+        import dataclasses
+
+        return {**dataclasses.asdict(self.engine.args), "scheduler": self.engine.get_stats()}

@@ -60,6 +60,15 @@ class RuntimeEndpoint(Backend):
     async def tokenize(self, texts: list[str]) -> list[list[int]]:
         return (await self._post("/tokenize", {"text": texts}))["input_ids"]
 
+    async def flush_cache(self) -> bool:
+        r = await self._client().post("/flush_cache")
+        return r.status_code == 200
+
+    async def server_info(self) -> dict:
+        r = await self._client().get("/get_server_info")
+        await self._check(r)
+        return r.json()
+
     async def model_info(self) -> ModelInfo:
         if self._info is None:
             r = await self._client().get("/get_model_info")

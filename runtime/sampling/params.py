@@ -1,14 +1,34 @@
-"""Sampling parameters: SGLang's names and defaults, validated once when a request arrives."""
+"""Sampling parameters: SGLang's names and defaults, validated once when a request arrives.
+
+Every field of SGLang's sampling-params doc is accepted: most work; `structural_tag` and a
+`custom_params` paired with a custom logit processor are refused by name (UNSUPPORTED), and
+`stream_interval` only changes how streamed text is chunked. docs/sglang_compat.md lists them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
+
+import regex
 
 from arborlm.runtime.errors import BadRequestError
 
 GRAMMAR_FIELDS = ("regex", "json_schema", "ebnf")
+
+# SGLang sampling parameters we do not implement: a non-null value is a 400 that says so.
+UNSUPPORTED = {
+    "structural_tag": "structural tags (SGLang's tool-call grammar format) are not supported; use json_schema",
+}
+ALIASES = {"sampling_seed": "seed"}  # SGLang's name -> ours
+
+
+@functools.lru_cache(maxsize=256)
+def compile_stop_regex(pattern: str) -> regex.Pattern:
+    """Stop regexes use the `regex` module: its partial matching tells a stream what to hold back."""
+    return regex.compile(pattern)
 
 
 @dataclass
@@ -24,12 +44,16 @@ class SamplingParams:
     presence_penalty: float = 0.0
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    stop_regex: list[str] = field(default_factory=list)  # stop once the output text matches one
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     n: int = 1
-    seed: int | None = None
+    seed: int | None = None  # SGLang also calls it sampling_seed
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (keys may be strings)
+    stream_interval: int | None = None  # tokens per streamed chunk (None: the server's setting)
+    custom_params: dict | None = None  # for a custom logit processor; accepted, read by nothing
     # structured generation: at most one; json_schema is a JSON string ("$$ANY$$": any JSON object)
     regex: str | None = None
     json_schema: str | None = None
@@ -37,16 +61,28 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
-        d = dict(d or {})
+        if d is not None and not isinstance(d, dict):
+            raise BadRequestError(f"sampling_params: must be an object, got {type(d).__name__}")
+        d = {k: v for k, v in (d or {}).items() if v is not None}  # null means "default", as in SGLang
+        for name, why in UNSUPPORTED.items():
+            if name in d:
+                raise BadRequestError(f"sampling_params.{name}: not supported: {why}")
+        for alias, name in ALIASES.items():
+            if alias in d:
+                if name in d and d[name] != d[alias]:
+                    raise BadRequestError(f"sampling_params.{alias} and sampling_params.{name} disagree")
+                d[name] = d.pop(alias)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise BadRequestError(f"sampling_params.{unknown[0]}: unknown sampling parameter")
-        d = {k: v for k, v in d.items() if v is not None}  # null means "default", as in SGLang
         if isinstance(d.get("json_schema"), dict):  # the in-process Engine may pass the schema itself
             d["json_schema"] = json.dumps(d["json_schema"])
-        if isinstance(d.get("stop"), str):
-            d["stop"] = [d["stop"]] if d["stop"] else []
+        for name in ("stop", "stop_regex"):
+            if isinstance(d.get(name), str):
+                d[name] = [d[name]] if d[name] else []
+        if isinstance(d.get("logit_bias"), dict):
+            d["logit_bias"] = _token_bias(d["logit_bias"])
         p = cls(**d)
         p.validate()
         return p
@@ -94,7 +130,28 @@ class SamplingParams:
             bad("stop_token_ids", "must be a list of token ids")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             bad("seed", "must be an integer")
+        if not isinstance(self.stop_regex, list) or not all(isinstance(s, str) and s for s in self.stop_regex):
+            bad("stop_regex", "must be a non-empty string or a list of them")
+        for pattern in self.stop_regex:
+            try:
+                compile_stop_regex(pattern)
+            except regex.error as e:
+                raise BadRequestError(f"sampling_params.stop_regex: {pattern!r} is not a valid regex ({e})") from None
+        if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
+            bad("logit_bias", "must be an object mapping token ids to biases")
+        if self.stream_interval is not None:
+            check_type("stream_interval", (int,))
+            if self.stream_interval < 1:
+                bad("stream_interval", "must be >= 1")
+        if self.custom_params is not None and not isinstance(self.custom_params, dict):
+            bad("custom_params", "must be an object")
         self._validate_grammar()
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids that index the logits must exist (stop ids need not: they just never match)."""
+        for t in self.logit_bias or {}:
+            if t >= vocab_size:
+                raise BadRequestError(f"sampling_params.logit_bias: token id {t} is outside the vocabulary [0, {vocab_size})")
 
     def _validate_grammar(self) -> None:
         given = [f for f in GRAMMAR_FIELDS if getattr(self, f) is not None]
@@ -119,4 +176,21 @@ class SamplingParams:
 
     @property
     def needs_penalty(self) -> bool:
-        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+        return (self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
+                or bool(self.logit_bias))
+
+
+def _token_bias(bias: dict) -> dict[int, float]:
+    """{"123": 5} or {123: 5} -> {123: 5.0}; OpenAI's range, [-100, 100]."""
+    out = {}
+    for k, v in bias.items():
+        try:
+            t = int(k)
+        except (TypeError, ValueError):
+            raise BadRequestError(f"sampling_params.logit_bias: keys must be token ids, got {k!r}") from None
+        if t < 0:
+            raise BadRequestError(f"sampling_params.logit_bias: token id {t} is negative")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise BadRequestError(f"sampling_params.logit_bias: the bias of token {t} must be a number in [-100, 100], got {v!r}")
+        out[t] = float(v)
+    return out

@@ -1,4 +1,4 @@
-"""Batched sampling: penalties, grammar masks, min_new_tokens masking, greedy and temperature / top-k / top-p /
+"""Batched sampling: penalties and logit biases, grammar masks, min_new_tokens masking, greedy and temperature / top-k / top-p /
 min-p sampling, and logprobs, vectorised over the rows of a step (no Python loop over the vocab).
 
 Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which samples from p and lets
@@ -70,6 +70,9 @@ class Sampler:
                 seen = torch.tensor(sorted(set(rows[i].prompt_ids) | set(rows[i].output_ids)), dtype=torch.long)
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+                row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype)
         return logits
 
     def _mask_grammar(self, logits, rows):

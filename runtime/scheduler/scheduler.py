@@ -23,6 +23,7 @@ from arborlm.runtime.cache.radix_cache import RadixCache
 from arborlm.runtime.errors import BadRequestError
 from arborlm.runtime.scheduler.policy import order_waiting
 from arborlm.runtime.scheduler.req import Req, Status
+from arborlm.runtime.scheduler.stop_text import find_stop, has_text_stops
 
 IN_BATCH_PREFIX_MIN = 32  # shared uncached tokens that make a request wait for a sibling's prefill
 
@@ -291,7 +292,7 @@ class Scheduler:
             req.detok.add([tok])
         if matched_token:
             req.finish({"type": "stop", "matched": tok})
-        elif may_stop and p.stop and req.detok is not None and self._match_stop_str(req):
+        elif may_stop and req.detok is not None and has_text_stops(p) and self._match_stop_text(req):
             pass
         elif len(req.output_ids) >= p.max_new_tokens:
             req.finish({"type": "length", "length": p.max_new_tokens})
@@ -310,26 +311,22 @@ class Scheduler:
         elif req.grammar.is_terminated():
             req.finish({"type": "stop", "matched": None})
         elif self.cfg.jump_forward is not None and self.cfg.jump_forward(req):
-            if req.params.stop and self._match_stop_str(req):
+            if has_text_stops(req.params) and self._match_stop_text(req):
                 return
             if req.grammar.is_terminated():
                 req.finish({"type": "stop", "matched": None})
             elif len(req.output_ids) >= req.params.max_new_tokens:
                 req.finish({"type": "length", "length": req.params.max_new_tokens})
 
-    def _match_stop_str(self, req: Req) -> bool:
-        # Search only the tail that the newest token can have completed a match in.
-        text = req.detok.text
-        window = req.detok.last_delta_len + max(len(s) for s in req.params.stop) - 1
-        start = max(0, len(text) - window)
-        hits = [(text.find(s, start), s) for s in req.params.stop]
-        hits = [(pos, s) for pos, s in hits if pos >= 0]
-        if not hits:
+    def _match_stop_text(self, req: Req) -> bool:
+        """Finish at the first stop string / regex match in the text, trimming it off unless no_stop_trim."""
+        hit = find_stop(req.detok.text, req.params, req.detok.last_delta_len)
+        if hit is None:
             return False
-        pos, s = min(hits)
+        pos, matched = hit
         if not req.params.no_stop_trim:
-            req.detok.text = text[:pos]
-        req.finish({"type": "stop", "matched": s})
+            req.detok.text = req.detok.text[:pos]
+        req.finish({"type": "stop", "matched": matched})
         return True
 
     def _share(self, req: Req) -> None:

@@ -40,8 +40,9 @@ class Detokenizer:
             if t.text_len is not None:  # the scheduler matched a stop string: same text, trimmed
                 d.text = d.text[: t.text_len]
             end = len(d.text)
-        else:  # hold back what could be the start of a stop string, so a stream never shows it
-            end = max(len(d.text) - st.hold, st.emitted)
+        else:  # hold back what could be the start of a stop string or regex match, so a stream never shows it
+            end = len(d.text) - st.hold if t.safe_len is None else min(len(d.text) - st.hold, t.safe_len)
+            end = max(end, st.emitted)
         delta = d.text[st.emitted : end]
         st.emitted = end
         return delta

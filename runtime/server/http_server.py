@@ -174,6 +174,7 @@ def create_app(args: ServerArgs, tm: TokenizerManager, model_name: str) -> FastA
         return Response(status_code=200)
 
     @app.get("/get_model_info")
+    @app.get("/model_info")  # SGLang's newer name, which routers probe
     async def model_info():
         tok = tm.tokenizer  # the chat template and special tokens let a remote DSL render roles itself
         return {"model_path": tm.info.model_dir, "tokenizer_path": tm.info.tokenizer_dir, "is_generation": True,
@@ -188,6 +189,7 @@ def create_app(args: ServerArgs, tm: TokenizerManager, model_name: str) -> FastA
         return {"input_ids": [tm.encode(t) for t in req.text]}
 
     @app.get("/get_server_info")
+    @app.get("/server_info")
     async def server_info():
         stats = await tm.ask(io.StatsReq)
         info = {k: v for k, v in dataclasses.asdict(args).items() if k != "api_key"}

@@ -56,6 +56,7 @@ class TokenOut:
     finished: bool = False
     finish_reason: dict | None = None
     text_len: int | None = None  # final text length when a stop string trimmed it
+    safe_len: int | None = None  # a stop_regex stream: text a later match cannot take back
     prompt_tokens: int = 0
     cached_tokens: int = 0
     output_logprobs: list = field(default_factory=list)

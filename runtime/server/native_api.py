@@ -13,17 +13,83 @@ from arborlm.runtime.server.tokenizer_manager import ReqState, TokenizerManager
 
 
 class GenerateRequest(BaseModel):
+    """SGLang's GenerateReqInput. Fields SGLang clients send that ask for nothing we lack are
+    accepted; those that ask for what we lack (images, LoRA, ...) are refused by name when set
+    (NULL_ONLY); a field no SGLang version knows is a 400 naming it."""
+
     model_config = ConfigDict(extra="forbid")
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     stream: bool = False
-    return_logprob: bool | list[bool] = False
-    logprob_start_len: int | list[int] = -1
-    top_logprobs_num: int | list[int] = 0
+    return_logprob: bool | list[bool] | None = False
+    logprob_start_len: int | list[int] | None = -1
+    top_logprobs_num: int | list[int] | None = 0
     return_text_in_logprobs: bool = False
     rid: str | list[str] | None = None
+    # accepted: bookkeeping that does not change the result
+    log_metrics: bool = True
+    no_logs: bool = False
+    custom_labels: dict[str, Any] | None = None
+    modalities: list[str] | None = None  # per-image modality tags: meaningless without images
+    priority: int | None = None
+    conversation_id: str | None = None
+    extra_key: str | list[str] | None = None
+    data_parallel_rank: int | None = None
+    routed_dp_rank: int | None = None
+    # refused unless null / false / empty
+    token_ids_logprob: Any = None
+    input_embeds: Any = None
+    image_data: Any = None
+    video_data: Any = None
+    audio_data: Any = None
+    lora_path: Any = None
+    lora_id: Any = None
+    custom_logit_processor: Any = None
+    session_params: Any = None
+    return_hidden_states: Any = False
+    return_entropy: Any = False
+    return_bytes: Any = False
+    background: Any = False
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+    bootstrap_room: Any = None
+    bootstrap_pair_key: Any = None
+
+
+# field -> why it is refused when set (to anything but null / false / an empty list)
+NULL_ONLY = {
+    "token_ids_logprob": "logprobs of chosen token ids are not supported; use top_logprobs_num",
+    "input_embeds": "input embeddings are not supported; pass text or input_ids",
+    "image_data": "this model takes text only",
+    "video_data": "this model takes text only",
+    "audio_data": "this model takes text only",
+    "lora_path": "LoRA adapters are not supported",
+    "lora_id": "LoRA adapters are not supported",
+    "custom_logit_processor": "custom logit processors are not supported (they run pickled code)",
+    "session_params": "sessions are not supported",
+    "return_hidden_states": "hidden states are not returned",
+    "return_entropy": "entropies are not returned",
+    "return_bytes": "token bytes are not returned",
+    "background": "background requests are not supported",
+    "bootstrap_host": "prefill/decode disaggregation is not supported",
+    "bootstrap_port": "prefill/decode disaggregation is not supported",
+    "bootstrap_room": "prefill/decode disaggregation is not supported",
+    "bootstrap_pair_key": "prefill/decode disaggregation is not supported",
+}
+
+
+def _refuse_unsupported(req: GenerateRequest) -> None:
+    for name, why in NULL_ONLY.items():
+        v = getattr(req, name)
+        if v is None or v is False or (isinstance(v, list) and not any(x is not None for x in v)):
+            continue
+        raise BadRequestError(f"{name}: not supported: {why}")
+    if req.modalities and any(m not in (None, "text") for m in req.modalities):
+        raise BadRequestError("modalities: not supported: this model takes text only")
+    if req.data_parallel_rank not in (None, 0) or req.routed_dp_rank not in (None, 0):
+        raise BadRequestError("data_parallel_rank: this server has one data-parallel rank (0)")
 
 
 class TokenizeRequest(BaseModel):
@@ -56,6 +122,7 @@ def _per_prompt(value, n: int, name: str) -> list:
 
 def expand(req: GenerateRequest, tm: TokenizerManager) -> tuple[list[SubRequest], bool]:
     """Split a /generate body into sub-requests; returns them and whether the answer is a single dict."""
+    _refuse_unsupported(req)
     if (req.text is None) == (req.input_ids is None):
         raise BadRequestError("text / input_ids: pass exactly one of them")
     if req.text is not None:
@@ -69,9 +136,9 @@ def expand(req: GenerateRequest, tm: TokenizerManager) -> tuple[list[SubRequest]
         ids_list = [req.input_ids] if single else req.input_ids
     n = len(ids_list)
     sps = _per_prompt(req.sampling_params, n, "sampling_params")
-    lps = _per_prompt(req.return_logprob, n, "return_logprob")
-    starts = _per_prompt(req.logprob_start_len, n, "logprob_start_len")
-    tops = _per_prompt(req.top_logprobs_num, n, "top_logprobs_num")
+    lps = [bool(x) for x in _per_prompt(req.return_logprob, n, "return_logprob")]  # null: the default
+    starts = [-1 if x is None else x for x in _per_prompt(req.logprob_start_len, n, "logprob_start_len")]
+    tops = [x or 0 for x in _per_prompt(req.top_logprobs_num, n, "top_logprobs_num")]
     rids = _per_prompt(req.rid, n, "rid") if isinstance(req.rid, list) else [req.rid] * n if single else [None] * n
     subs = []
     for i, ids in enumerate(ids_list):

@@ -1,7 +1,7 @@
 """The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions.
 
 Requests become the same SamplingParams as /generate; unknown extra fields are ignored, as the
-OpenAI API does, while fields we cannot honour (tools, logit_bias, suffix, best_of) get a 400.
+OpenAI API does, while fields we cannot honour (tools, suffix, best_of) get a 400.
 """
 
 from __future__ import annotations
@@ -47,13 +47,14 @@ class _Common(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    no_stop_trim: bool | None = None
+    stop_regex: str | list[str] | None = None
     regex: str | None = None
     ebnf: str | None = None
     json_schema: str | dict[str, Any] | None = None
 
     def sampling_dict(self, max_tokens: int | None) -> dict:
-        if self.logit_bias:
-            raise BadRequestError("logit_bias: not supported")
         d = {
             "max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "stop": self.stop, "presence_penalty": self.presence_penalty,
@@ -61,7 +62,9 @@ class _Common(BaseModel):
             "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
             "min_new_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
             "stop_token_ids": self.stop_token_ids, "skip_special_tokens": self.skip_special_tokens,
-            "regex": self.regex, "ebnf": self.ebnf,
+            "regex": self.regex, "ebnf": self.ebnf, "logit_bias": self.logit_bias,
+            "spaces_between_special_tokens": self.spaces_between_special_tokens, "no_stop_trim": self.no_stop_trim,
+            "stop_regex": self.stop_regex,
             "json_schema": json.dumps(self.json_schema) if isinstance(self.json_schema, dict) else self.json_schema,
         }
         return {k: v for k, v in d.items() if v is not None}

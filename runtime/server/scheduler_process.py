@@ -15,6 +15,7 @@ from arborlm.runtime.detokenizer import IncrementalDetokenizer
 from arborlm.runtime.engine_core import EngineCore
 from arborlm.runtime.errors import BadRequestError
 from arborlm.runtime.scheduler.req import Req
+from arborlm.runtime.scheduler.stop_text import has_text_stops, stream_safe_len
 from arborlm.runtime.server import io_struct as io
 from arborlm.runtime.server.procutil import Endpoints, init_child, parent_alive
 
@@ -70,7 +71,7 @@ class SchedulerProcess:
             req = Req(msg.rid, msg.input_ids, msg.params, return_logprob=msg.return_logprob,
                       top_logprobs_num=msg.top_logprobs_num, logprob_start_len=msg.logprob_start_len,
                       seed=msg.params.seed, stream=msg.stream)
-            if msg.params.stop or msg.params.constrained:  # stop strings and jump-forward read this text
+            if has_text_stops(msg.params) or msg.params.constrained:  # text stops and jump-forward read this text
                 req.detok = IncrementalDetokenizer(self.core.tokenizer, msg.params.skip_special_tokens,
                                                    msg.params.spaces_between_special_tokens)
             try:
@@ -97,7 +98,8 @@ class SchedulerProcess:
         the detokenizer and the HTTP process, which share the cores with the model)."""
         if req.finished or len(req.output_ids) == 1 and req.grammar is None:
             return True
-        return req.stream and len(req.output_ids) - self.sent.get(req.rid, [0])[0] >= self.stream_interval
+        interval = req.params.stream_interval or self.stream_interval
+        return req.stream and len(req.output_ids) - self.sent.get(req.rid, [0])[0] >= interval
 
     def token_out(self, req: Req) -> io.TokenOut:
         sent = self.sent.get(req.rid, [0, 0, 0])
@@ -109,12 +111,14 @@ class SchedulerProcess:
         reason = req.finish_reason
         if reason and reason["type"] == "stop" and isinstance(reason.get("matched"), int) and not req.params.no_stop_trim:
             text_ids = new_ids[:-1]  # the matched stop token stays out of the text
-        text_len = None
+        text_len = safe_len = None
         if reason and reason["type"] == "stop" and isinstance(reason.get("matched"), str) and req.detok is not None:
             text_len = len(req.detok.text)
+        elif not req.finished and req.stream and req.params.stop_regex and req.detok is not None:
+            safe_len = stream_safe_len(req.detok.text, req.params)
         out = io.TokenOut(
             rid=req.rid, new_ids=new_ids, text_ids=text_ids, finished=req.finished, finish_reason=reason,
-            text_len=text_len, prompt_tokens=len(req.prompt_ids), cached_tokens=req.cached_tokens,
+            text_len=text_len, safe_len=safe_len, prompt_tokens=len(req.prompt_ids), cached_tokens=req.cached_tokens,
             output_logprobs=req.output_logprobs[sent[1]:], output_top_logprobs=req.output_top_logprobs[sent[1]:],
             input_logprobs=req.input_logprobs[sent[2]:], input_top_logprobs=req.input_top_logprobs[sent[2]:],
             detok_opts=(req.params.skip_special_tokens, req.params.spaces_between_special_tokens,

@@ -90,6 +90,7 @@ class TokenizerManager:
         vocab = self.info.vocab_size
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
             raise BadRequestError(f"{field_name}: token ids must be ints in [0, {vocab})")
+        params.check_vocab(vocab)
         n = len(ids)
         if n + params.max_new_tokens > self.context_length:
             raise BadRequestError(
