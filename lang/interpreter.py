@@ -201,6 +201,11 @@ class Executor:
         self.text += template.end(role)
         self.role = None
 
+    def _chat_context(self) -> dict:
+        """The finished turns and the open assistant turn's text, for chat-completions backends."""
+        prefix = self.text[self.role[1]:] if self.role is not None and self.role[0] == "assistant" else None
+        return {"messages": [dict(m) for m in self.messages], "assistant_prefix": prefix}
+
     def set_var(self, name: str, value, meta: dict | None = None) -> None:
         self.variables[name] = value
         if meta is not None:
@@ -211,7 +216,8 @@ class Executor:
     # ---- gen and select ---------------------------------------------------------------------------
     async def _gen(self, g: ir.Gen) -> None:
         params = g.params.merged(self.defaults)
-        call = GenerateCall(text=self.text, sampling_params=params.sampling_dict(), **params.request_dict())
+        call = GenerateCall(text=self.text, sampling_params=params.sampling_dict(), **params.request_dict(),
+                            **self._chat_context())
         if (params.n or 1) > 1:  # SGLang's n: the variable is the list of samples, the text goes on with the first
             if self.stream:
                 raise ProgramError(f"gen {g.name!r}: n > 1 cannot be streamed")
@@ -243,7 +249,8 @@ class Executor:
             self.partial.pop(g.name, None)
 
     async def _select(self, sel: ir.Select) -> None:
-        decision = await score_choices(self.backend, self.text, sel.choices, sel.choices_method, sel.temperature)
+        decision = await score_choices(self.backend, self.text, sel.choices, sel.choices_method, sel.temperature,
+                                       chat=self._chat_context())
         self.text += decision.decision
         if sel.name:
             self.set_var(sel.name, decision.decision, decision.meta_info)

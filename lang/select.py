@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 
-from arborlm.lang.backend.base import Backend, GenerateCall
+from arborlm.lang.backend.base import Backend, BackendError, GenerateCall
 from arborlm.lang.choices import ChoicesDecision, ChoicesSamplingMethod
 
 
@@ -27,7 +27,17 @@ def _logprobs(result: dict, skip: int) -> list[float]:
 
 
 async def score_choices(backend: Backend, prefix: str, choices: list[str], method: ChoicesSamplingMethod,
-                        temperature: float = 0.0) -> ChoicesDecision:
+                        temperature: float = 0.0, chat: dict | None = None) -> ChoicesDecision:
+    """`chat` (the program's turns, see GenerateCall) lets a chat-completions backend score the
+    choices inside the open assistant turn instead (`score_chat_choices`)."""
+    chat_scores = getattr(backend, "score_chat_choices", None)
+    if chat is not None and chat_scores is not None and backend.chat_mode(chat.get("assistant_prefix")):
+        if method.requires_unconditional_logprobs:
+            raise BackendError("unconditional_likelihood_normalized is not available through chat completions")
+        decision = method(choices, await chat_scores(chat["messages"], chat["assistant_prefix"], choices))
+        if temperature > 0:
+            decision.decision = _sample(choices, decision.meta_info["scores"], temperature)
+        return decision
     ids = await backend.tokenize([prefix] + [prefix + c for c in choices])
     prefix_ids, full = ids[0], ids[1:]
     starts = [_common_len(prefix_ids, f) for f in full]

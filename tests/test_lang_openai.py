@@ -48,3 +48,52 @@ def test_select_without_a_tokenizer_is_a_clear_error(server):
     state = capital.run(backend=openai_backend(server))
     assert isinstance(state.error(), sgl.ProgramError)
     assert "tokenizer_path" in str(state.error()) and "city" in str(state.error())
+
+
+# ---- chat mode: /v1/chat/completions, as for a chat-only endpoint ---------------------------------
+@sgl.function
+def chat_qa(s, question):
+    s += sgl.system("You are a helpful assistant.")
+    s += sgl.user(question)
+    s += sgl.assistant(sgl.gen("answer", max_tokens=16))
+
+
+@sgl.function
+def chat_pick(s):
+    s += sgl.user("Is Paris the capital of France? Answer Yes or No.")
+    s += sgl.assistant(sgl.select("yn", ["Yes", "No"]))
+
+
+def test_chat_mode_gen_is_the_servers_chat_reply(server):
+    state = chat_qa.run(question="What is the capital of France?", backend=openai_backend(server, is_chat_model=True),
+                        temperature=0)
+    assert state.error() is None, state.error()
+    import httpx
+
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120,
+                   json={"model": "default", "max_tokens": 16, "temperature": 0, "messages": [
+                       {"role": "system", "content": "You are a helpful assistant."},
+                       {"role": "user", "content": "What is the capital of France?"}]})
+    assert state["answer"] == r.json()["choices"][0]["message"]["content"]
+    assert state.messages()[-1] == {"role": "assistant", "content": state["answer"]}
+
+
+def test_chat_mode_select_scores_with_logprobs(server):
+    state = chat_pick.run(backend=openai_backend(server, is_chat_model=True))
+    assert state.error() is None, state.error()
+    meta = state.get_meta_info("yn")
+    assert state["yn"] in ("Yes", "No")
+    assert all(lps and all(lp <= 0 for lp in lps) for lps in meta["input_token_logprobs"])
+
+
+def test_chat_model_refuses_gen_outside_an_assistant_turn(server):
+    state = few_shot.run(question="What is the capital of France?", backend=openai_backend(server, is_chat_model=True))
+    assert isinstance(state.error(), sgl.ProgramError) and "sgl.assistant" in str(state.error())
+
+
+def test_chat_mode_streams(server):
+    backend = openai_backend(server, is_chat_model=True)
+    state = chat_qa.run(question="Name a colour.", backend=backend, temperature=0, stream=True)
+    streamed = "".join(state.text_iter("answer"))
+    final = chat_qa.run(question="Name a colour.", backend=backend, temperature=0)
+    assert streamed == final["answer"] and streamed

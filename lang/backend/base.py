@@ -27,6 +27,10 @@ class GenerateCall:
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     stream: bool = False
+    # The program's chat so far, for backends that speak chat completions (not part of the body):
+    # the finished turns, and the text of the open assistant turn (None when none is open).
+    messages: list[dict] | None = None
+    assistant_prefix: str | None = None
 
     def body(self) -> dict[str, Any]:
         """The JSON body, leaving out fields at their defaults (so recorded calls read short)."""

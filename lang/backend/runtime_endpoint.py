@@ -48,12 +48,19 @@ class RuntimeEndpoint(Backend):
         return await self._post("/generate", call.body())
 
     async def generate_stream(self, call: GenerateCall):
-        """The native stream repeats the whole text so far in each event; yield the new part."""
+        """The native stream repeats the whole text so far in each event (yield the new part) and
+        sends each output logprob once (gathered here, so the last chunk's meta_info has them all)."""
         sent = 0
+        logprobs: dict[str, list] = {"output_token_logprobs": [], "output_top_logprobs": []}
         async with self._client().stream("POST", "/generate", json={**call.body(), "stream": True}) as r:
             await self._check(r)
             async for chunk in sse_events(r):
                 text = chunk["text"]
+                meta = chunk.get("meta_info", {})
+                for key, acc in logprobs.items():
+                    if key in meta:
+                        acc.extend(meta[key])
+                        meta[key] = list(acc)
                 yield {**chunk, "text": text[sent:]}
                 sent = len(text)
 

@@ -196,10 +196,19 @@ def create_app(args: ServerArgs, tm: TokenizerManager, model_name: str) -> FastA
         return {**info, "context_length": tm.context_length, "scheduler": stats}
 
     @app.post("/flush_cache")
+    @app.get("/flush_cache")  # SGLang takes both
     async def flush_cache():
         ok = await tm.ask(io.FlushCacheReq)
         if not ok:
             return error_response(400, "cannot flush the cache while requests are running")
+        return {"success": True}
+
+    @app.post("/concate_and_append_request")
+    async def concate_and_append(request: Request):
+        """SGLang's client calls this after a fork join(mode="concate_and_append"), having already
+        joined the forks' text itself; it names client-side ids the server never saw, so there is
+        nothing to do (SGLang's own server has no such route and answers 404, failing the program)."""
+        await request.body()
         return {"success": True}
 
     @app.post("/abort_request")
@@ -228,8 +237,9 @@ def create_app(args: ServerArgs, tm: TokenizerManager, model_name: str) -> FastA
 
     async def _native_stream(subs, with_text, single):
         try:
+            sent: dict = {}
             async for sub, st in native_api.stream_all(subs, tm):
-                chunk = native_api.result(tm, st, sub, with_text)
+                chunk = native_api.stream_chunk(tm, st, sub, with_text, sent)
                 if not single:
                     chunk["index"] = sub.index
                 yield sse(chunk)

@@ -187,6 +187,22 @@ def result(tm: TokenizerManager, st: ReqState, sub: SubRequest, with_text: bool)
     return {"text": st.text, "output_ids": list(st.output_ids), "meta_info": meta_info(tm, st, sub, with_text)}
 
 
+def stream_chunk(tm: TokenizerManager, st: ReqState, sub: SubRequest, with_text: bool, sent: dict) -> dict:
+    """A native stream event as SGLang's client reads it: the text so far (cumulative), and the
+    output logprobs new since the previous event with their running count in
+    `output_token_logprobs_length` (SGLang's frontend checks both). `sent` counts per sub-request."""
+    out = result(tm, st, sub, with_text)
+    meta = out["meta_info"]
+    if sub.return_logprob:
+        k = sent.get(sub.index, 0)
+        n = len(meta["output_token_logprobs"])
+        meta["output_token_logprobs"] = meta["output_token_logprobs"][k:]
+        meta["output_top_logprobs"] = meta["output_top_logprobs"][k:]
+        meta["output_token_logprobs_length"] = n
+        sent[sub.index] = n
+    return out
+
+
 async def run_all(tm: TokenizerManager, subs: list[SubRequest], with_text: bool) -> list[dict]:
     async def one(sub):
         return result(tm, await tm.generate_final(sub.ids, sub.params, sub.return_logprob, sub.logprob_start_len,
