@@ -52,6 +52,11 @@ def test_sglang_request_vocabulary():
     assert p.needs_penalty
     with pytest.raises(BadRequestError, match="structural_tag: not supported"):
         P(structural_tag='{"x": 1}')
+    with pytest.raises(BadRequestError, match="beam_width: not supported"):
+        P(beam_width=4)
+    with pytest.raises(BadRequestError, match="watermark: not supported"):
+        P(watermark={"enabled": True, "key": 1})
+    P(beam_width=1, watermark={"enabled": False}, structural_tag="")  # asking for nothing is fine
     with pytest.raises(BadRequestError, match="stop_regex"):
         P(stop_regex="(")
     with pytest.raises(BadRequestError, match="disagree"):

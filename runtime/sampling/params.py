@@ -18,9 +18,13 @@ from arborlm.runtime.errors import BadRequestError
 
 GRAMMAR_FIELDS = ("regex", "json_schema", "ebnf")
 
-# SGLang sampling parameters we do not implement: a non-null value is a 400 that says so.
+# SGLang sampling parameters we do not implement: a value that asks for them is a 400 that says so
+# (name -> (is the value harmless?, why not)).
 UNSUPPORTED = {
-    "structural_tag": "structural tags (SGLang's tool-call grammar format) are not supported; use json_schema",
+    "structural_tag": (lambda v: not v, "structural tags (SGLang's tool-call grammar format) are not supported; "
+                                        "use json_schema"),
+    "beam_width": (lambda v: v in (0, 1), "beam search is not supported"),
+    "watermark": (lambda v: not v or isinstance(v, dict) and not v.get("enabled"), "watermarking is not supported"),
 }
 ALIASES = {"sampling_seed": "seed"}  # SGLang's name -> ours
 
@@ -64,9 +68,10 @@ class SamplingParams:
         if d is not None and not isinstance(d, dict):
             raise BadRequestError(f"sampling_params: must be an object, got {type(d).__name__}")
         d = {k: v for k, v in (d or {}).items() if v is not None}  # null means "default", as in SGLang
-        for name, why in UNSUPPORTED.items():
+        for name, (harmless, why) in UNSUPPORTED.items():
             if name in d:
-                raise BadRequestError(f"sampling_params.{name}: not supported: {why}")
+                if not harmless(d.pop(name)):
+                    raise BadRequestError(f"sampling_params.{name}: not supported: {why}")
         for alias, name in ALIASES.items():
             if alias in d:
                 if name in d and d[name] != d[alias]:
