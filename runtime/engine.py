@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator, Callable
 
 from arborlm.runtime.config import EngineArgs
 from arborlm.runtime.detokenizer import IncrementalDetokenizer
+from arborlm.runtime.constrained.validate import document_check
 from arborlm.runtime.engine_core import EngineCore
 from arborlm.runtime.errors import BadRequestError
 from arborlm.runtime.sampling.params import SamplingParams
@@ -194,6 +195,7 @@ class Engine:
             "finish_reason": req.finish_reason,
             "e2e_latency": (req.finish_time or time.perf_counter()) - req.created,
         }
+        meta.update(document_check(req.params, req.detok.text if req.detok else "", req.finished))
         if req.return_logprob:
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in req.output_logprobs]
             meta["output_top_logprobs"] = [[[lp, t, None] for lp, t in top] for top in req.output_top_logprobs]

@@ -14,6 +14,7 @@ from arborlm.runtime.constrained.base import GrammarError, GrammarSpec
 from arborlm.runtime.constrained.number_bounds import bound_regex
 from arborlm.runtime.constrained.regex_fsm import ForcedStrings
 from arborlm.runtime.constrained.schema_check import OUTLINES, check_schema
+from arborlm.runtime.constrained.schema_prep import drop_annotations
 from arborlm.runtime.constrained.vocab import token_bytes
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,9 @@ class OutlinesBackend:
             return bound_regex(build_regex_from_schema('{"type": "object"}', WHITESPACE))
         if spec.kind == "json_schema":
             try:
-                check_schema(json.loads(spec.value), OUTLINES)
-                return bound_regex(build_regex_from_schema(spec.value, WHITESPACE))
+                schema = drop_annotations(json.loads(spec.value))
+                check_schema(schema, OUTLINES)
+                return bound_regex(build_regex_from_schema(json.dumps(schema), WHITESPACE))
             except GrammarError:
                 raise
             except Exception as e:  # noqa: BLE001

@@ -19,6 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from arborlm.runtime.constrained.validate import document_check
 from arborlm.runtime.errors import ArborError, BadRequestError, UnsupportedError
 from arborlm.runtime.sampling.params import SamplingParams
 from arborlm.runtime.server import io_struct as io
@@ -291,7 +292,8 @@ def create_app(args: ServerArgs, tm: TokenizerManager, model_name: str) -> FastA
                 sent[sub.index] = len(st.text)
                 reason = openai_api.finish_reason(st) if st.finished else None
                 if delta or reason:
-                    yield sse(openai_api.completion_chunk(rid, created, model_name, sub.index, delta, reason))
+                    yield sse(openai_api.completion_chunk(rid, created, model_name, sub.index, delta, reason,
+                                                          document_check(sub.params, st.text, st.finished)))
                 if st.finished:
                     finals[sub.index] = st
             if req.stream_options and req.stream_options.include_usage:
@@ -324,7 +326,8 @@ def create_app(args: ServerArgs, tm: TokenizerManager, model_name: str) -> FastA
                 sent[sub.index] = [len(st.text), len(st.output_logprobs)]
                 if delta or reason or lps:
                     yield sse(openai_api.chat_chunk(rid, created, model_name, sub.index,
-                                                    {"content": delta} if delta else {}, reason, lps))
+                                                    {"content": delta} if delta else {}, reason, lps,
+                                                    document_check(sub.params, st.text, st.finished)))
                 if st.finished:
                     finals[sub.index] = st
             if req.stream_options and req.stream_options.include_usage:

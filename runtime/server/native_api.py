@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from arborlm.runtime.constrained.validate import document_check
 from arborlm.runtime.errors import BadRequestError
 from arborlm.runtime.sampling.params import SamplingParams
 from arborlm.runtime.server.tokenizer_manager import ReqState, TokenizerManager
@@ -175,6 +176,7 @@ def meta_info(tm: TokenizerManager, st: ReqState, sub: SubRequest, with_text: bo
         "cached_tokens": st.cached_tokens,
         "e2e_latency": st.e2e_latency,
     }
+    meta.update(document_check(sub.params, st.text, st.finished))
     if sub.return_logprob:
         meta["input_token_logprobs"] = logprob_entries(tm, st.input_logprobs, with_text)
         meta["output_token_logprobs"] = logprob_entries(tm, st.output_logprobs, with_text)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from arborlm.runtime.constrained.validate import document_check
 from arborlm.runtime.errors import BadRequestError
 from arborlm.runtime.sampling.params import SamplingParams
 from arborlm.runtime.server.native_api import SubRequest, _copy_for_sample
@@ -177,15 +178,16 @@ def completion_response(req: CompletionRequest, tm, subs, states, rid, created, 
             "index": sub.index, "text": prefix + st.text,
             "logprobs": completion_logprobs(tm, st, req.echo) if req.logprobs is not None else None,
             "finish_reason": finish_reason(st),
+            **document_check(sub.params, st.text, st.finished),
         })
     firsts = [st for sub, st in zip(subs, states) if sub.index % req.n == 0]
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": choices, "usage": usage(states, firsts)}
 
 
-def completion_chunk(rid, created, model, index, text, reason=None) -> dict:
+def completion_chunk(rid, created, model, index, text, reason=None, extra: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason, **(extra or {})}]}
 
 
 # ---- chat ----------------------------------------------------------------------------------------
@@ -249,14 +251,16 @@ def chat_response(req: ChatCompletionRequest, tm, subs, states, rid, created, mo
         "message": {"role": "assistant", "content": st.text},
         "logprobs": chat_logprobs(tm, st.output_logprobs, st.output_top_logprobs) if req.logprobs else None,
         "finish_reason": finish_reason(st),
+        **document_check(sub.params, st.text, st.finished),
     } for sub, st in zip(subs, states)]
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": usage(states, states[:1])}
 
 
-def chat_chunk(rid, created, model, index, delta: dict, reason=None, logprobs=None) -> dict:
+def chat_chunk(rid, created, model, index, delta: dict, reason=None, logprobs=None, extra: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
+                         **(extra or {})}]}
 
 
 def new_id(prefix: str) -> tuple[str, int]:
