@@ -107,7 +107,7 @@ def test_max_tokens_cut_is_length(engine):
 
 @pytest.mark.parametrize("params,reason", [
     ({"regex": "a(b"}, "regex"),
-    ({"json_schema": {"type": "array", "uniqueItems": True}}, "uniqueItems"),
+    ({"json_schema": {"type": "array", "uniqueItems": True}, "json_schema_strict": True}, "uniqueItems"),
     ({"json_schema": "{oops"}, "not valid JSON"),
     ({"regex": "a+", "ebnf": 'root ::= "a"'}, "mutually exclusive"),
     ({"ebnf": "root ::= undefined_rule"}, "ebnf"),

@@ -25,13 +25,18 @@ class GrammarError(BadRequestError):
 class GrammarSpec:
     kind: str  # one of KINDS
     value: str  # the regex, the schema as a JSON string, or the EBNF text ("" for json_object)
+    # json_schema: refuse what the backend cannot enforce (True), or generate under the rest and
+    # leave it to the validation of the finished document (False: what requests get by default)
+    strict: bool = True
 
     @classmethod
     def from_params(cls, params) -> "GrammarSpec | None":
         for kind in ("regex", "json_schema", "ebnf"):
             value = getattr(params, kind, None)
             if value is not None:
-                return cls("json_object", "") if value == JSON_OBJECT else cls(kind, value)
+                if value == JSON_OBJECT:
+                    return cls("json_object", "")
+                return cls(kind, value, strict=bool(getattr(params, "json_schema_strict", False)) or kind != "json_schema")
         return None
 
 

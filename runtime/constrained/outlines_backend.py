@@ -13,8 +13,8 @@ from outlines_core.json_schema import build_regex_from_schema
 from arborlm.runtime.constrained.base import GrammarError, GrammarSpec
 from arborlm.runtime.constrained.number_bounds import bound_regex
 from arborlm.runtime.constrained.regex_fsm import ForcedStrings
-from arborlm.runtime.constrained.schema_check import OUTLINES, check_schema
-from arborlm.runtime.constrained.schema_prep import drop_annotations
+from arborlm.runtime.constrained.schema_check import OUTLINES
+from arborlm.runtime.constrained.schema_prep import prepare_schema
 from arborlm.runtime.constrained.vocab import token_bytes
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ class OutlinesBackend:
             return bound_regex(build_regex_from_schema('{"type": "object"}', WHITESPACE))
         if spec.kind == "json_schema":
             try:
-                schema = drop_annotations(json.loads(spec.value))
-                check_schema(schema, OUTLINES)
+                schema = prepare_schema(spec, OUTLINES)
                 return bound_regex(build_regex_from_schema(json.dumps(schema), WHITESPACE))
             except GrammarError:
                 raise

@@ -39,9 +39,11 @@ class Support:
     pattern_with_length: bool = False
     size_with_properties: bool = False  # minProperties / maxProperties beside properties
     recursion: bool = True  # a $ref that reaches itself
+    empty_schema: bool = True  # `{}`, any JSON value (outlines-core's regex for it is not grouped: it
+    # splits the enclosing pattern and admits text that is not the document)
 
 
-OUTLINES = Support("outlines", COMMON, frozenset({"uuid"}), recursion=False)
+OUTLINES = Support("outlines", COMMON, frozenset({"uuid"}), recursion=False, empty_schema=False)
 XGRAMMAR = Support(
     "xgrammar",
     COMMON | {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
@@ -93,6 +95,8 @@ def _check(node, s: Support, path: str) -> None:
     for key in node:
         if key not in s.keywords and key not in ANNOTATIONS:
             _fail(s, path, f"keyword {key!r} is unsupported")
+    if not s.empty_schema and not set(node) - ANNOTATIONS:
+        _fail(s, path, "the empty schema {} (any JSON value) is unsupported")
     _check_combinations(node, s, path)
     for key in ("properties", "patternProperties", "$defs", "definitions"):
         for name, sub in (node.get(key) or {}).items():

@@ -6,10 +6,16 @@ Removed at every subschema position: every keyword outside VALIDATION (titles, d
 examples, `x-*` extensions, `javaType`, `propertyOrder`, misspellings such as `pettern`, ...), and
 a `format` that is not one of the formats the spec defines (`int32`, `byte`, ...: formats are
 annotations unless asserted). Property names, enum/const values and defaults are data and are
-never touched. What stays is checked against the backend (schema_check.py) as before.
+never touched. `prepare_schema` then makes the exact rewrites and, for non-strict requests, drops
+what the backend cannot enforce (schema_rewrite.py) before the check (schema_check.py).
 """
 
 from __future__ import annotations
+
+import json
+
+from arborlm.runtime.constrained.schema_check import check_schema
+from arborlm.runtime.constrained.schema_rewrite import relax, rewrite
 
 # Validation and structure keywords of drafts 4, 6, 7, 2019-09 and 2020-12 (and draft 4's `id`).
 VALIDATION = frozenset({
@@ -59,3 +65,14 @@ def drop_annotations(schema):
         else:
             out[key] = value
     return out
+
+
+def prepare_schema(spec, support):
+    """The schema a backend compiles for a json_schema GrammarSpec: annotations dropped, exact
+    rewrites made, then (non-strict) what `support` cannot enforce dropped, and finally checked:
+    whatever is left unenforceable is refused by name (GrammarError)."""
+    schema = rewrite(drop_annotations(json.loads(spec.value)))
+    if not spec.strict:
+        schema, _ = relax(schema, support)
+    check_schema(schema, support)
+    return schema

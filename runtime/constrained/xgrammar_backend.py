@@ -10,8 +10,8 @@ import xgrammar as xgr
 
 from arborlm.runtime.constrained.base import GrammarError, GrammarSpec, bitmask_words, unpack_bitmask
 from arborlm.runtime.constrained.number_bounds import bound_schema
-from arborlm.runtime.constrained.schema_check import XGRAMMAR, check_schema
-from arborlm.runtime.constrained.schema_prep import drop_annotations
+from arborlm.runtime.constrained.schema_check import XGRAMMAR
+from arborlm.runtime.constrained.schema_prep import prepare_schema
 
 # Fixed separators and no free whitespace: nothing to loop on, and keys/separators become forced
 # strings that jump-forward appends.
@@ -30,8 +30,7 @@ class XGrammarBackend:
     def compile(self, spec: GrammarSpec) -> "XGrammarGrammar":
         try:
             if spec.kind == "json_schema":
-                schema = drop_annotations(json.loads(spec.value))
-                check_schema(schema, XGRAMMAR)
+                schema = prepare_schema(spec, XGRAMMAR)
                 compiled = self.compiler.compile_json_schema(
                     json.dumps(bound_schema(schema)), any_whitespace=False, separators=SEPARATORS, strict_mode=True)
             elif spec.kind == "json_object":

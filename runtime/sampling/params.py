@@ -62,6 +62,8 @@ class SamplingParams:
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None
+    # json_schema keywords the grammar cannot enforce: refused (True) or verified after (False)
+    json_schema_strict: bool = False
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
@@ -105,7 +107,8 @@ class SamplingParams:
             check_type(name, (int,))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
             check_type(name, (int, float))
-        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
+                     "json_schema_strict"):
             check_type(name, (bool,))
         if self.max_new_tokens < 0:
             bad("max_new_tokens", "must be >= 0")

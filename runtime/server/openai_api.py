@@ -223,6 +223,7 @@ def chat_subs(req: ChatCompletionRequest, tm: TokenizerManager) -> list[SubReque
         if not isinstance(spec.get("schema"), dict):
             raise BadRequestError("response_format.json_schema.schema: a JSON Schema object is required")
         sp["json_schema"] = json.dumps(spec["schema"])
+        sp["json_schema_strict"] = bool(spec.get("strict"))  # OpenAI's strict: refuse what cannot be enforced
     params = SamplingParams.from_dict(sp)
     tm.check_ids(ids, params, "messages")
     top = req.top_logprobs or 0

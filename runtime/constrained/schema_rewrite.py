@@ -1,0 +1,222 @@
+"""Bring a JSON Schema within what a backend enforces.
+
+`rewrite` makes exact rewrites (the same documents stay valid), applied in every mode:
+- `oneOf` -> `anyOf` where no document can match two branches (each branch takes different JSON
+  types, or different `const` / `enum` values, itself or in a required discriminator property);
+- draft 4's tuple `items: [...]` (+ `additionalItems`) -> `prefixItems` (+ `items`);
+- `dependencies` -> `dependentRequired` (name lists) / `dependentSchemas` (schemas);
+- a `required` name missing from `properties` -> a property of any JSON value there (when other
+  properties are allowed; without that, as without `properties`, it is left for the check);
+- `allOf` branches merged into their node where they do not conflict.
+
+`relax` (non-strict requests) then drops what the backend still cannot enforce, naming each drop:
+the grammar generates under the rest, and the finished document is validated against the schema
+as sent (validate.py), so an output that misses a dropped keyword is flagged, never passed off as
+valid. Strict requests skip `relax`: schema_check.py refuses such a keyword by name instead.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from arborlm.runtime.constrained.schema_check import ALONE, ANNOTATIONS, LENGTH, Support
+
+_SUB_ONE = ("items", "additionalProperties", "propertyNames", "contains", "not", "if", "then", "else",
+            "unevaluatedItems", "unevaluatedProperties")
+_SUB_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUB_LIST = ("anyOf", "allOf", "oneOf", "prefixItems")
+ANY_SCALAR = {"type": ["string", "number", "boolean", "null"]}
+_LOCAL = {"additionalProperties", "patternProperties", "unevaluatedProperties", "additionalItems", "unevaluatedItems",
+          "prefixItems"}
+
+
+def _children(node: dict):
+    """(container, key, path step) of every direct subschema of `node`."""
+    for key in _SUB_ONE:
+        if isinstance(node.get(key), dict):
+            yield node, key, key
+    for key in _SUB_MAP:
+        if isinstance(node.get(key), dict):
+            for name in node[key]:
+                yield node[key], name, f"{key}/{name}"
+    for key in _SUB_LIST:
+        if isinstance(node.get(key), list):
+            for i in range(len(node[key])):
+                yield node[key], i, f"{key}/{i}"
+
+
+# ---- exact rewrites --------------------------------------------------------------------------------
+def rewrite(schema):
+    schema = copy.deepcopy(schema)
+    _rewrite(schema)
+    return schema
+
+
+def _rewrite(node) -> None:
+    if not isinstance(node, dict):
+        return
+    if isinstance(node.get("items"), list):  # draft 4 tuple form
+        node["prefixItems"] = node.pop("items")
+        if "additionalItems" in node:
+            node["items"] = node.pop("additionalItems")
+    if isinstance(node.get("dependencies"), dict):
+        for name, dep in node.pop("dependencies").items():
+            key = "dependentRequired" if isinstance(dep, list) else "dependentSchemas"
+            node.setdefault(key, {})[name] = dep
+    for container, key, _ in list(_children(node)):
+        _rewrite(container[key])
+    if isinstance(node.get("oneOf"), list) and "anyOf" not in node and _exclusive(node["oneOf"]):
+        node["anyOf"] = node.pop("oneOf")
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+        merged = _merge_all(node)
+        if merged is not None:
+            node.clear()
+            node.update(merged)
+    required = node.get("required")
+    if isinstance(required, list) and isinstance(node.get("properties"), dict) \
+            and node.get("additionalProperties", True) is not False:
+        for name in required:
+            if isinstance(name, str) and name not in node["properties"]:
+                node["properties"][name] = {}
+
+
+def _types(s) -> set | None:
+    """The JSON types a branch admits, when it says (integer counts as number too)."""
+    if not isinstance(s, dict):
+        return None
+    if "const" in s:
+        return {_json_type(s["const"])}
+    if isinstance(s.get("enum"), list):
+        return {_json_type(v) for v in s["enum"]}
+    t = s.get("type")
+    if t is None:
+        return None
+    out = set(t if isinstance(t, list) else [t])
+    if "integer" in out:
+        out.add("number")
+    return out
+
+
+def _json_type(v) -> str:
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object", type(None): "null"}[type(v)]
+
+
+def _values(s) -> list | None:
+    if isinstance(s, dict) and "const" in s:
+        return [s["const"]]
+    if isinstance(s, dict) and isinstance(s.get("enum"), list):
+        return s["enum"]
+    return None
+
+
+def _disjoint(groups: list[list]) -> bool:
+    seen = []
+    for g in groups:
+        for v in g:
+            if any(v == w and type(v) is type(w) for w in seen):
+                return False
+        seen += g
+    return True
+
+
+def _exclusive(branches: list) -> bool:
+    types = [_types(b) for b in branches]
+    if all(t is not None for t in types) and all(not (a & b) for i, a in enumerate(types) for b in types[i + 1:]):
+        return True
+    values = [_values(b) for b in branches]
+    if all(v is not None for v in values) and _disjoint(values):
+        return True
+    # a discriminator: a property every branch requires, with disjoint const / enum values
+    if all(isinstance(b, dict) and isinstance(b.get("properties"), dict) for b in branches):
+        common = set.intersection(*(set(b.get("required", [])) & set(b["properties"]) for b in branches))
+        for name in sorted(common):
+            vals = [_values(b["properties"][name]) for b in branches]
+            if all(v is not None for v in vals) and _disjoint(vals):
+                return True
+    return False
+
+
+def _merge_all(node: dict) -> dict | None:
+    """The node with its allOf branches folded in, or None where two of them conflict."""
+    # these read the properties / items of their own schema object only: merging would change them
+    if any(isinstance(b, dict) and set(b) & _LOCAL for b in [node, *node["allOf"]]):
+        return None
+    out = {k: v for k, v in node.items() if k != "allOf"}
+    for branch in node["allOf"]:
+        if not isinstance(branch, dict) or "$ref" in branch:
+            return None
+        for key, value in branch.items():
+            if key in ANNOTATIONS:
+                continue
+            if key not in out:
+                out[key] = copy.deepcopy(value)
+            elif key == "required":
+                out[key] = list(dict.fromkeys(list(out[key]) + list(value)))
+            elif key == "properties" and isinstance(value, dict):
+                for name, sub in value.items():
+                    if name not in out[key]:
+                        out[key][name] = copy.deepcopy(sub)
+                    elif out[key][name] != sub:
+                        return None
+            elif out[key] != value:
+                return None
+    return out
+
+
+# ---- relaxing for non-strict requests --------------------------------------------------------------
+def relax(schema, support: Support) -> tuple[object, list[str]]:
+    """A copy without what `support` cannot enforce, and a list of "keyword at path" drops."""
+    schema = copy.deepcopy(schema)
+    dropped: list[str] = []
+    _relax(schema, support, "#", dropped)
+    return schema, dropped
+
+
+def _relax(node, s: Support, path: str, dropped: list[str]) -> None:
+    if not isinstance(node, dict):
+        return
+
+    def drop(*keys):
+        for k in keys:
+            if k in node:
+                del node[k]
+                dropped.append(f"{k} at {path}")
+
+    for key in list(node):
+        if key not in s.keywords and key not in ANNOTATIONS:
+            drop(key)
+    for key in ALONE:
+        if key in node:
+            drop(*sorted(set(node) - ANNOTATIONS - {key, "type"}))
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:  # unmergeable: keep the first
+        dropped.append(f"allOf branches 2..{len(node['allOf'])} at {path}")
+        node["allOf"] = node["allOf"][:1]
+    if "items" in node and not isinstance(node["items"], dict):
+        drop("items")
+    if "multipleOf" in node and node.get("type") != "integer":
+        drop("multipleOf")
+    if "format" in node and node["format"] not in s.formats:
+        drop("format")
+    has_length = any(k in node for k in LENGTH)
+    if "pattern" in node and (has_length and not s.pattern_with_length or "format" in node):
+        drop(*LENGTH, "format")
+    if "format" in node and has_length:
+        drop(*LENGTH)
+    if "required" in node and "properties" not in node:
+        node["properties"] = {name: {} for name in node["required"] if isinstance(name, str)}
+    if "properties" in node:
+        for name in node.get("required", []):
+            if isinstance(name, str) and name not in node["properties"]:
+                node["properties"][name] = {}
+        if not s.size_with_properties:
+            drop("minProperties", "maxProperties")
+    for container, key, step in list(_children(node)):
+        sub = container[key]
+        if not s.empty_schema and isinstance(sub, dict) and not set(sub) - ANNOTATIONS:
+            container[key] = dict(ANY_SCALAR)  # narrower than any JSON value: outputs stay valid
+            dropped.append(f"{{}} at {path}/{step} (narrowed to a scalar)")
+        _relax(container[key], s, f"{path}/{step}", dropped)
