@@ -67,6 +67,7 @@ class Executor:
         self.meta_info: dict[str, dict] = {}
         self.parsers: dict[str, ir.Gen] = {}
         self.partial: dict[str, str] = {}  # variables being streamed
+        self.partial_meta: dict[str, dict] = {}  # ... and the meta_info of their latest chunk
         self.messages: list[dict] = []
         self.role: tuple | None = None  # (role, text position of its content)
         self.scopes: dict[str, int] = {}
@@ -176,6 +177,9 @@ class Executor:
             self.scopes[expr.name] = len(self.text)
         elif isinstance(expr, ir.VarScopeEnd):
             self.set_var(expr.name, self.text[self.scopes.pop(expr.name):])
+        elif isinstance(expr, ir.SetVar):
+            self.parsers.pop(expr.name, None)
+            self.set_var(expr.name, expr.value)
         elif isinstance(expr, ir.Expr):
             raise TypeError(f"cannot append {type(expr).__name__}")
         else:
@@ -235,9 +239,10 @@ class Executor:
             async for chunk in self.backend.generate_stream(call):
                 text += chunk["text"]
                 self.text += chunk["text"]
+                meta = chunk.get("meta_info", meta)
                 if g.name:
                     self.partial[g.name] = text
-                meta = chunk.get("meta_info", meta)
+                    self.partial_meta[g.name] = meta
                 self.signal.notify()
         else:
             out = await self.backend.generate(call)
@@ -247,6 +252,7 @@ class Executor:
             self.parsers[g.name] = g
             self.set_var(g.name, text, meta)
             self.partial.pop(g.name, None)
+            self.partial_meta.pop(g.name, None)
 
     async def _select(self, sel: ir.Select) -> None:
         decision = await score_choices(self.backend, self.text, sel.choices, sel.choices_method, sel.temperature,
@@ -293,7 +299,7 @@ def _writes(item) -> list:
         return [None]
     if isinstance(item, Cmd):
         exprs = item.expr.items if isinstance(item.expr, ir.ExprList) else [item.expr]
-        return [e.name for e in exprs if isinstance(e, (ir.Gen, ir.Select, ir.VarScopeEnd)) and e.name]
+        return [e.name for e in exprs if isinstance(e, (ir.Gen, ir.Select, ir.VarScopeEnd, ir.SetVar)) and e.name]
     return []
 
 

@@ -114,6 +114,14 @@ class Select(Expr):
 
 
 @dataclass(eq=False)
+class SetVar(Expr):
+    """`s[name] = value` (SGLang's ProgramState.__setitem__): applied in order with the appends."""
+
+    name: str
+    value: Any
+
+
+@dataclass(eq=False)
 class RoleBegin(Expr):
     role: str
 

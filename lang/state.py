@@ -96,6 +96,18 @@ class ProgramState:
     def __getitem__(self, name: str):
         return self.get_var(name)
 
+    def __setitem__(self, name: str, value) -> None:
+        """Set variable `name` (e.g. to a parsed value), in order with what is appended (SGLang's set_var);
+        on a finished program, at once."""
+        if self._ex.done:
+            self._ex.parsers.pop(name, None)
+            self._ex.set_var(name, value)
+        else:
+            self._append(ir.SetVar(name, value), where())
+
+    def set_var(self, name: str, value) -> None:
+        self[name] = value
+
     def __contains__(self, name: str) -> bool:
         return name in self._ex.variables
 
@@ -152,13 +164,25 @@ class ProgramState:
         if self._ex.error is not None:
             raise self._ex.error
 
-    async def text_async_iter(self, var: str | None = None, return_meta_data: bool = False) -> AsyncIterator[str]:
-        sent = 0
+    async def text_async_iter(self, var: str | None = None, return_meta_data: bool = False) -> AsyncIterator:
+        """New text as it is generated; with `return_meta_data` (and a variable), (text, meta_info)
+        pairs as SGLang yields them: output logprobs new since the previous pair, with the running
+        count in `output_token_logprobs_length`."""
+        sent, sent_lp = 0, 0
         while True:
             await self._ex.signal.await_for(lambda: (c := self._current(var))[1] or len(c[0]) > sent)
             text, final = self._current(var)
             if len(text) > sent:
-                yield text[sent:]
+                if return_meta_data and var is not None:
+                    meta = dict(self._ex.partial_meta.get(var) or self._ex.meta_info.get(var) or {})
+                    lps = meta.get("output_token_logprobs")
+                    if isinstance(lps, list):
+                        meta["output_token_logprobs"] = lps[sent_lp:]
+                        meta["output_token_logprobs_length"] = len(lps)
+                        sent_lp = len(lps)
+                    yield text[sent:], meta
+                else:
+                    yield text[sent:]
                 sent = len(text)
             if final:
                 break

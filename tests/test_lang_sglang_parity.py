@@ -136,3 +136,34 @@ def test_stop_regex_n_and_service_calls(backend):
     assert sgl.flush_cache(backend) in (True, False)
     info = sgl.get_server_info(backend)
     assert "scheduler" in info
+
+
+@sgl.function
+def count_then_set(s):
+    s += "Two plus two is " + sgl.gen("n", dtype=int, max_tokens=3)
+
+
+@sgl.function
+def streamed_answer(s):
+    s += sgl.user("Name three colours.")
+    s += sgl.assistant(sgl.gen("answer", max_tokens=12, return_logprob=True))
+
+
+def test_setitem_and_stream_meta_data(backend):
+    import asyncio
+
+    state = count_then_set.run(backend=backend, **GREEDY)
+    state["n"] = int(state["n"])  # SGLang's set_var, as its dtype_gen program does
+    assert isinstance(state["n"], int)
+
+    async def collect():
+        st = streamed_answer.run(backend=backend, stream=True, **GREEDY)
+        return [c async for c in st.text_async_iter("answer", return_meta_data=True)]
+
+    chunks = asyncio.run(collect())
+    seen = 0
+    for text, meta in chunks:  # SGLang's test_stream_logprobs contract
+        assert text and meta["completion_tokens"] == meta["output_token_logprobs_length"]
+        assert len(meta["output_token_logprobs"]) == meta["output_token_logprobs_length"] - seen
+        seen = meta["output_token_logprobs_length"]
+    assert seen == 12
