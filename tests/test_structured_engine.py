@@ -117,3 +117,19 @@ def test_bad_specs_are_bad_requests_and_serving_goes_on(engine, params, reason):
         engine.generate("Hi", {**params, "max_new_tokens": 4})
     ok = engine.generate("Hi", {"max_new_tokens": 3, "temperature": 0, "regex": "(yes|no)"})
     assert ok["text"] in ("yes", "no")
+
+
+TIGHT = {"type": "object", "required": ["name", "tags", "meta"],
+         "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
+                        "meta": {"type": "object", "properties": {"note": {"type": "string"}}}}}
+
+
+def test_a_tight_budget_still_ends_in_a_complete_document(engine):
+    """The guard steers to close as max_new_tokens nears: at temperature 1 (long strings, long arrays)
+    every document here ends complete and valid within 48 tokens."""
+    prompts = ["Describe a random object as JSON:"] * 6
+    params = [{"json_schema": TIGHT, "max_new_tokens": 48, "temperature": 1.0, "seed": s} for s in range(6)]
+    for out in engine.generate(prompts, params):
+        meta = out["meta_info"]
+        assert meta["finish_reason"]["type"] == "stop" and meta["json_schema_valid"] is True, out["text"]
+        assert meta["completion_tokens"] <= 48

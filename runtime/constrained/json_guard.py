@@ -11,6 +11,11 @@ grammar's mask:
   token of the shortest string of one-character tokens after which it does (a small search);
 - once `max_depth` objects/arrays are open, to the allowed tokens that open no other.
 
+- once few tokens are left before max_new_tokens (`closing_margin`: a reserve plus a few per open
+  container), to the tokens that close: a string's closing quote, then, outside strings, tokens
+  that open nothing and, where the grammar allows one, a `}` or `]`. So a document ends complete
+  within its budget wherever the schema lets it (required properties still have to be written).
+
 If the grammar allows none of those (a minLength not met yet, a schema that requires deeper
 nesting) the mask stays as the grammar made it. So the guard never lets through what the
 grammar forbids, every output stays valid, and an output that keeps within the bounds is exactly
@@ -35,6 +40,9 @@ _OPEN, _CLOSE = frozenset(b"{["), frozenset(b"}]")
 # (the separators of emails, URIs, host names and dates, and one letter and digit).
 _FILLERS = b"@.:/-_a0"
 _SEARCH_DEPTH, _SEARCH_BUDGET = 6, 3000  # longest filler string, most tokens tried per search
+# Tokens kept for closing: a reserve (the larger of a floor and a share of max_new_tokens, for the
+# required properties still to write) plus some per open container.
+CLOSE_RESERVE, CLOSE_SHARE, CLOSE_PER_LEVEL = 24, 8, 8
 
 
 @dataclass(frozen=True)
@@ -54,12 +62,14 @@ class JsonGuard:
         self.max_depth = max_depth or float("inf")
         closes = np.zeros(bitmask_words(vocab_size) * 32, dtype=bool)
         flat = np.ones_like(closes)
+        ends = np.zeros_like(closes)
         for tok, data in token_bytes.items():
             if tok >= len(closes):  # a tokenizer entry past the model's vocabulary
                 continue
             closes[tok] = data[:1] == b'"'
             flat[tok] = not (_OPEN & set(data))
-        self.closes, self.flat = _pack(closes), _pack(flat)
+            ends[tok] = flat[tok] and bool(_CLOSE & set(data))
+        self.closes, self.flat, self.ends = _pack(closes), _pack(flat), _pack(ends)
         single = {data: tok for tok, data in token_bytes.items() if len(data) == 1}
         self.quote = single.get(b'"')
         self.fillers = [single[bytes([c])] for c in _FILLERS if bytes([c]) in single]
@@ -101,11 +111,29 @@ class GuardedMatcher:
         self.state = LexState()
         self.history: list[LexState] = []
         self.plan: list[int] = []  # the rest of the filler path being forced, found once per string end
+        self.budget: int | None = None  # tokens left before max_new_tokens (set by the sampler each step)
+        self.max_new = 0  # the request's max_new_tokens (set with budget)
+
+    def set_budget(self, max_new_tokens: int, generated: int) -> None:
+        self.budget, self.max_new = max_new_tokens - generated, max_new_tokens
+
+    def closing(self) -> bool:
+        if self.budget is None:
+            return False
+        reserve = max(CLOSE_RESERVE, self.max_new // CLOSE_SHARE)
+        return self.budget <= reserve + CLOSE_PER_LEVEL * self.state.depth
 
     def fill_bitmask(self, row: torch.Tensor) -> None:
         self.inner.fill_bitmask(row)
         s, g = self.state, self.guard
-        if s.in_string and not s.escaped and s.chars >= g.max_string:
+        closing = self.closing()
+        if closing and not s.in_string:
+            narrowed = row & g.flat
+            if narrowed.any():
+                ends = narrowed & g.ends
+                row.copy_(ends if ends.any() else narrowed)
+            return
+        if s.in_string and not s.escaped and (s.chars >= g.max_string or closing):
             narrowed = row & g.closes
             if not narrowed.any():
                 self.plan = self.plan or self._path_to_quote() or []

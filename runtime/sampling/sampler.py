@@ -82,7 +82,10 @@ class Sampler:
             return logits
         bitmask = torch.zeros(len(idx), bitmask_words(self.vocab_size), dtype=torch.int32)
         for j, i in enumerate(idx):
-            rows[i].grammar.fill_bitmask(bitmask[j])
+            g = rows[i].grammar
+            if hasattr(g, "set_budget"):  # the JSON guard steers to close as max_new_tokens nears
+                g.set_budget(rows[i].params.max_new_tokens, len(rows[i].output_ids))
+            g.fill_bitmask(bitmask[j])
         logits = logits.clone()
         logits[idx] = apply_bitmask(logits[idx], bitmask)
         return logits
