@@ -22,6 +22,12 @@ PROMPTS = [
     "Photosynthesis is the process by which",
     "The three most important inventions of the 20th century are",
     "Water boils at",
+    "The best way to learn a new language is",
+    "import numpy as np\n\n",
+    "Dear customer, thank you for",
+    "The capital of Australia is",
+    "In 1969, the first humans",
+    "A healthy breakfast usually includes",
 ]
 NEW = 32
 # Measured on this prompt set (docs/benchmarks.md); the floor leaves room for CPU differences.

@@ -4,7 +4,7 @@ The extension is compiled at first use (JIT, ~30 s on 2 cores) into the user cac
 -march=native; its directory name hashes the sources, the flags, the CPU's feature flags and the
 torch version, so an edit, another CPU or another torch rebuilds and a cached build is reused.
 The ops (namespace `arborlm`) are declared here with fake kernels, so tracing never needs the build;
-paged_attention.py and fused_cpu.py hold their Python wrappers and torch references.
+paged_attention.py, fused_cpu.py and int8_group.py hold their Python wrappers and torch references.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from arborlm.runtime.model.execution import cpu_flags
 from arborlm.runtime.model.loader import cache_root
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "elementwise.cpp"]
+_SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "elementwise.cpp", _CSRC / "int8_linear.cpp"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 _lock = threading.Lock()
 _ext = None
@@ -129,3 +129,12 @@ def _(q, k, cos, sin, positions):
 @torch.library.register_fake("arborlm::silu_and_mul", lib=_lib)
 def _(x):
     return x.new_empty((x.shape[0], x.shape[1] // 2))
+
+
+# y [B, N] float32 = x [B, K] @ (qweight int8 [N, K] * scales float32 [N, K/32], per group of 32).T
+_lib.define("int8_group_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
+
+
+@torch.library.register_fake("arborlm::int8_group_linear", lib=_lib)
+def _(x, qweight, scales):
+    return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)

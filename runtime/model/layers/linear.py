@@ -7,15 +7,24 @@ with q in 0..15. That is exactly GGUF's Q4_1 (blocks of 32, a scale and a min pe
 embedded Q4_1 checkpoint, dequantised by transformers at conversion, quantises back to its own
 4-bit values (a block's min is its q=0 value and its max its q=15 value), up to the rounding of
 scale and zero to bf16. int8 is symmetric per output channel.
+
+`int8_group` (int8_group.py, asked for by the model for its LM head only) is symmetric int8 in
+groups of 32 with float32 scales, computed by arborlm's C++ kernel: GGUF's Q8_0, which the
+embedded checkpoint's (tied) embedding is, quantises back to it exactly. Its output is float32.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from arborlm.runtime.model.execution import ExecutionPlan
+from arborlm.runtime.model.layers import int8_group
+
+logger = logging.getLogger(__name__)
 
 GROUP = 32
 
@@ -48,13 +57,31 @@ def int4_supported(weight: torch.Tensor) -> bool:
     return k % GROUP == 0 and n % 16 == 0  # the packed layout wants whole groups and 16-row tiles
 
 
-class Linear(nn.Module):
-    """y = x @ W.T (+ b). `weight` is the checkpoint's [out, in] tensor in any float dtype."""
+def int8_group_supported(weight: torch.Tensor) -> bool:
+    """Whole groups of 32, and arborlm's C++ kernels built (or buildable) on this machine."""
+    if weight.shape[1] % int8_group.GROUP:
+        return False
+    try:
+        int8_group.load_extension()
+    except RuntimeError as e:  # no C++ compiler: the layer keeps its dense weight
+        logger.warning("int8 group weights unavailable, keeping a dense weight: %s", e)
+        return False
+    return True
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: ExecutionPlan):
+
+class Linear(nn.Module):
+    """y = x @ W.T (+ b). `weight` is the checkpoint's [out, in] tensor in any float dtype.
+
+    `form` overrides the plan's weight-only form for this layer (the model's LM head asks for
+    "int8_group"); a form the weight cannot hold leaves it dense ("none")."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: ExecutionPlan, form: str | None = None):
         super().__init__()
         self.small_rows = plan.small_rows
-        self.form = plan.quantization if plan.quantization != "int4" or int4_supported(weight) else "none"
+        form = plan.quantization if form is None else form
+        if form == "int4" and not int4_supported(weight) or form == "int8_group" and not int8_group_supported(weight):
+            form = "none"
+        self.form = form
         dense = weight
         if self.form == "int4":
             q, scale, lo = quantize_int4(weight)
@@ -70,6 +97,11 @@ class Linear(nn.Module):
             dense = q.float() * scale.to(torch.bfloat16).float().unsqueeze(1)
             self.register_buffer("qweight", q, persistent=False)
             self.register_buffer("qscale", scale.to(torch.bfloat16), persistent=False)
+        elif self.form == "int8_group":
+            q, scales = int8_group.quantize_int8_group32(weight)
+            dense = int8_group.dequantize_int8_group32(q, scales)  # a Q8_0 weight's own values
+            self.register_buffer("qweight", q, persistent=False)
+            self.register_buffer("qscale", scales, persistent=False)
         self.register_buffer("weight", dense.to(plan.act_dtype).contiguous(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.to(plan.act_dtype), persistent=False)
 
@@ -79,6 +111,9 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "int8_group":  # float32 out, any float x (converted in the kernel)
+            y = torch.ops.arborlm.int8_group_linear(x.contiguous(), self.qweight, self.qscale)
+            return y if self.bias is None else y + self.bias
         xb = x.to(torch.bfloat16)
         if self.form == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qweight, GROUP, self.scales_zeros)

@@ -9,8 +9,6 @@ be captured once per batch size by torch.compile and never recompile as contexts
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,10 +36,11 @@ class Weights:
             raise ModelLoadError(f"weight {name!r} is missing from the checkpoint")
         return self.tensors[name]
 
-    def linear(self, *names: str, bias: bool = False, quantize: bool = True) -> Linear:
+    def linear(self, *names: str, bias: bool = False, form: str | None = None) -> Linear:
+        """`form` overrides the plan's weight-only form for this layer (layers/linear.py)."""
         weight = torch.cat([self.get(n + ".weight") for n in names])
         b = torch.cat([self.get(n + ".bias") for n in names]) if bias else None
-        return Linear(weight, b, self.plan if quantize else dataclasses.replace(self.plan, quantization="none"))
+        return Linear(weight, b, self.plan, form)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -80,9 +79,13 @@ class LlamaForCausalLM(nn.Module):
         self.eps = config.rms_norm_eps
         w = Weights(weights, plan)
         tied = getattr(config, "tie_word_embeddings", False) or not w.has("lm_head.weight")
-        # The head (often tied to the embedding, 8-bit in GGUF checkpoints) keeps its dense weight:
-        # group-32 int4 costs it half a quantisation step of the embedding's Q8_0 values.
-        self.lm_head = w.linear("model.embed_tokens" if tied else "lm_head", quantize=False)
+        # The head (often tied to the embedding, 8-bit in GGUF checkpoints) is not int4: group-32 int4
+        # costs it half a quantisation step of the embedding's Q8_0 values. Where the layers are
+        # quantised, its few-row matmuls (decode) use group-32 int8 instead, which holds Q8_0 values
+        # exactly and reads half of bf16's bytes; batches and the embedding use its dense weight.
+        # Unquantised plans (float32 by default) keep the dense weight alone.
+        head_form = "int8_group" if plan.quantization != "none" else "none"
+        self.lm_head = w.linear("model.embed_tokens" if tied else "lm_head", form=head_form)
         embed = self.lm_head.weight if tied else w.get("model.embed_tokens.weight").to(self.dtype)
         self.register_buffer("embed", embed, persistent=False)
         self.final_norm = RMSNorm(w.get("model.norm.weight"), self.eps, self.dtype)
