@@ -113,8 +113,8 @@ def test_linear_int8_group_form(rows):
     if rows <= plan.small_rows:  # the kernel: float32 logits with the exact weights
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, F.linear(x.float(), w), atol=1e-4, rtol=1e-5)
-    else:
-        assert torch.equal(out, F.linear(x, lin.weight))
+    else:  # the dense weight (bf16 GEMM: its blocking, and so its rounding, may follow the thread count)
+        torch.testing.assert_close(out, F.linear(x, lin.weight), atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(lin.forward_quantized(x).float(), F.linear(x, lin.weight).float(), atol=5e-2, rtol=2e-2)
 
 
