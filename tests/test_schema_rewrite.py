@@ -93,6 +93,13 @@ def test_non_strict_drops_what_cannot_be_enforced_and_strict_refuses_it(backend)
     assert any(d.startswith("uniqueItems at #/properties/tags") for d in dropped) and "not at #" in dropped
 
 
+def test_lookaround_patterns_are_not_enforced(backend):
+    schema = {"type": "string", "pattern": "^(?!org\\.)[a-z.]+$"}
+    with pytest.raises(GrammarError, match="lookaround"):
+        backend.compile(GrammarSpec("json_schema", json.dumps(schema), strict=True))
+    backend.compile(GrammarSpec("json_schema", json.dumps(schema), strict=False))  # generated freely, verified after
+
+
 def test_engine_non_strict_is_verified_and_strict_is_a_400(engine):
     out = engine.generate("Tags as JSON: ", {"json_schema": UNENFORCEABLE, "max_new_tokens": 60, "temperature": 0})
     meta = out["meta_info"]

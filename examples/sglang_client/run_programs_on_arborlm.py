@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import re
 import sys
-import traceback
 import types
+
+from _report import run_and_report
 
 IMPORTS = [
     (r"^(\s*)import sglang as sgl$", r"\1import arborlm.lang as sgl"),
@@ -46,23 +47,11 @@ def main() -> int:
     else:
         sgl.set_default_backend(sgl.RuntimeEndpoint(target))
     tp = load(path)
-    results = {}
+    programs = []
     for entry in PROGRAMS:
         name, args = (entry, ()) if isinstance(entry, str) else (entry[0], entry[1:])
-        try:
-            getattr(tp, "test_" + name)(*args)
-            results[name] = "ok"
-        except AssertionError as e:
-            results[name] = f"wrong answer ({str(e)[:80]!r})"
-        except Exception as e:  # noqa: BLE001 - reported
-            results[name] = f"error: {type(e).__name__}: {e}"
-            traceback.print_exc()
-    for name, r in results.items():
-        print(f"{name:20s} {r}")
-    n_err = sum(r.startswith("error") for r in results.values())
-    n_ok = sum(r == "ok" for r in results.values())
-    print(f"\n{len(results)} programs: {n_ok} ok, {len(results) - n_ok - n_err} wrong answers, {n_err} errors")
-    return 1 if n_err else 0
+        programs.append((name, getattr(tp, "test_" + name), args))
+    return run_and_report(programs)
 
 
 if __name__ == "__main__":

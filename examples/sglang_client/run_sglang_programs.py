@@ -17,10 +17,11 @@ Programs that need an image model, an OpenAI account or API speculative executio
 from __future__ import annotations
 
 import sys
-import traceback
 
 import sglang as sgl
 from sglang.test import test_programs as tp
+
+from _report import run_and_report
 
 PROGRAMS = [
     ("few_shot_qa", tp.test_few_shot_qa, ()),
@@ -44,22 +45,7 @@ PROGRAMS = [
 def main() -> int:
     url = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:30000"
     sgl.set_default_backend(sgl.RuntimeEndpoint(url, chat_template_name="chatml"))
-    results = {}
-    for name, fn, args in PROGRAMS:
-        try:
-            fn(*args)
-            results[name] = "ok"
-        except AssertionError as e:
-            results[name] = f"wrong answer ({str(e)[:80]!r})"
-        except Exception as e:  # noqa: BLE001 - reported
-            results[name] = f"error: {type(e).__name__}: {e}"
-            traceback.print_exc()
-    for name, r in results.items():
-        print(f"{name:20s} {r}")
-    n_err = sum(r.startswith("error") for r in results.values())
-    n_ok = sum(r == "ok" for r in results.values())
-    print(f"\n{len(results)} programs: {n_ok} ok, {len(results) - n_ok - n_err} wrong answers, {n_err} errors")
-    return 1 if n_err else 0
+    return run_and_report(PROGRAMS)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ _FIELDS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p"
            "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty", "seed": "seed",
            "n": "n", "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
            "min_new_tokens": "min_tokens", "ignore_eos": "ignore_eos", "stop_token_ids": "stop_token_ids",
-           "regex": "regex", "json_schema": "json_schema", "ebnf": "ebnf"}
+           "regex": "regex", "json_schema": "json_schema", "ebnf": "ebnf", "stop_regex": "stop_regex"}
 
 
 class OpenAI(Backend):
@@ -52,13 +52,18 @@ class OpenAI(Backend):
             self._clients[loop] = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout)
         return self._clients[loop]
 
-    def _body(self, call: GenerateCall, prompt) -> dict:
-        body = {"model": self.model, "prompt": prompt}
+    @staticmethod
+    def _sampling(call: GenerateCall, body: dict, api: str) -> dict:
+        """The call's sampling parameters under their OpenAI names, added to `body`."""
         for k, v in call.sampling_params.items():
             if k not in _FIELDS:
-                raise BackendError(f"sampling parameter {k!r} has no OpenAI completions equivalent")
+                raise BackendError(f"sampling parameter {k!r} has no OpenAI {api} equivalent")
             if v is not None:
                 body[_FIELDS[k]] = v
+        return body
+
+    def _body(self, call: GenerateCall, prompt) -> dict:
+        body = self._sampling(call, {"model": self.model, "prompt": prompt}, "completions")
         if call.return_logprob:
             body["logprobs"] = max(call.top_logprobs_num, 0)
         return body
@@ -88,12 +93,7 @@ class OpenAI(Backend):
         if call.assistant_prefix:
             raise BackendError("chat completions cannot continue a partly written assistant turn: put the gen "
                                f"right after sgl.assistant( (the turn already holds {call.assistant_prefix[:40]!r})")
-        body = {"model": self.model, "messages": call.messages or []}
-        for k, v in call.sampling_params.items():
-            if k not in _FIELDS:
-                raise BackendError(f"sampling parameter {k!r} has no OpenAI chat completions equivalent")
-            if v is not None:
-                body[_FIELDS[k]] = v
+        body = self._sampling(call, {"model": self.model, "messages": call.messages or []}, "chat completions")
         if call.return_logprob:
             body["logprobs"] = True
             if call.top_logprobs_num:

@@ -13,6 +13,7 @@ are allowed: narrowing keeps every output valid.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from arborlm.runtime.constrained.base import GrammarError
@@ -29,6 +30,7 @@ COMMON = frozenset({
 # A node holding one of these is generated from it alone: only `type` and annotations may sit beside.
 ALONE = ("enum", "const", "$ref", "anyOf", "allOf", "prefixItems")
 LENGTH = ("minLength", "maxLength")
+LOOKAROUND = re.compile(r"\(\?<?[=!]")  # (?= (?! (?<= (?<!: no regex-to-grammar compiler keeps these
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ def _check_combinations(node: dict, s: Support, path: str) -> None:
     has_length = any(k in node for k in LENGTH)
     if "pattern" in node and (has_length and not s.pattern_with_length or "format" in node):
         _fail(s, path, "pattern combined with minLength/maxLength/format")
+    if isinstance(node.get("pattern"), str) and LOOKAROUND.search(node["pattern"]):  # xgrammar drops it silently
+        _fail(s, path, "a pattern with a lookaround assertion")
     if "format" in node and has_length:  # xgrammar too drops the length beside a format
         _fail(s, path, "format combined with minLength/maxLength")
     if "required" in node and "properties" not in node:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 
-from arborlm.runtime.constrained.schema_check import ALONE, ANNOTATIONS, LENGTH, Support
+from arborlm.runtime.constrained.schema_check import ALONE, ANNOTATIONS, LENGTH, LOOKAROUND, Support
 
 _SUB_ONE = ("items", "additionalProperties", "propertyNames", "contains", "not", "if", "then", "else",
             "unevaluatedItems", "unevaluatedProperties")
@@ -201,6 +201,8 @@ def _relax(node, s: Support, path: str, dropped: list[str]) -> None:
         drop("multipleOf")
     if "format" in node and node["format"] not in s.formats:
         drop("format")
+    if isinstance(node.get("pattern"), str) and LOOKAROUND.search(node["pattern"]):
+        drop("pattern")
     has_length = any(k in node for k in LENGTH)
     if "pattern" in node and (has_length and not s.pattern_with_length or "format" in node):
         drop(*LENGTH, "format")
