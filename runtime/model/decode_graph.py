@@ -71,7 +71,10 @@ class DecodeGraphs:
                 return False
             self.compiling.add(b)
         if self.background:
-            threading.Thread(target=self._warm, args=(b,), name=f"arborlm-compile-{b}", daemon=True).start()
+            # Not a daemon: a process exiting mid-compile joins this thread (Inductor, refusing new work
+            # at shutdown, gives up cleanly) instead of killing it inside native code, which aborted
+            # the process ("terminate called without an active exception").
+            threading.Thread(target=self._warm, args=(b,), name=f"arborlm-compile-{b}", daemon=False).start()
             return False
         self._warm(b)
         return b in self.ready
@@ -95,7 +98,8 @@ class DecodeGraphs:
             logger.info("decode graph for batch %d ready in %.1fs", b, self.compile_seconds[b])
         except Exception as e:  # noqa: BLE001  a graph that cannot compile leaves that bucket eager
             self.failed[b] = f"{type(e).__name__}: {e}"
-            logger.warning("decode graph for batch %d failed to compile, staying eager: %s", b, self.failed[b])
+            if "interpreter shutdown" not in str(e):  # a process exiting mid-compile: expected, not news
+                logger.warning("decode graph for batch %d failed to compile, staying eager: %s", b, self.failed[b])
         finally:
             self.compiling.discard(b)
 
