@@ -16,6 +16,7 @@ would have refused. Prints the CPU and the backend.
 
     python benchmarks/bench_schemas.py                         # xgrammar, bf16
     python benchmarks/bench_schemas.py --backend outlines --limit 50
+    python benchmarks/bench_schemas.py --stride 3            # every third schema: a quicker mixed sample
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import jsonschema
 DATA = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "real_world_schemas")
 
 
-def load(limit: int | None):
-    manifest = json.load(open(os.path.join(DATA, "MANIFEST.json")))
+def load(limit: int | None, stride: int = 1):
+    manifest = json.load(open(os.path.join(DATA, "MANIFEST.json")))[::stride]
     items = [(m["file"], json.load(open(os.path.join(DATA, m["file"])))) for m in manifest]
     return items[:limit] if limit else items
 
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-new", type=int, default=512)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--stride", type=int, default=1, help="every Nth schema of the manifest (a mixed sample)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -81,7 +83,7 @@ def main() -> None:
     from arborlm.runtime.errors import BadRequestError
     from arborlm.runtime.model.execution import cpu_summary
 
-    items = load(args.limit)
+    items = load(args.limit, args.stride)
     support = XGRAMMAR if args.backend == "xgrammar" else OUTLINES
     with Engine(dtype=args.dtype, grammar_backend=args.backend, max_running_requests=64) as engine:
         backend = engine.core.grammars.backend
