@@ -50,8 +50,9 @@ def test_sglang_request_vocabulary():
           stream_interval=4, no_stop_trim=True, structural_tag=None, json_schema=None)
     assert p.stop_regex == ["a+"] and p.seed == 7 and p.logit_bias == {5: 1.5, 6: -2.0}
     assert p.needs_penalty
-    with pytest.raises(BadRequestError, match="structural_tag: not supported"):
+    with pytest.raises(BadRequestError, match="structural_tag: must be an object with `format`"):
         P(structural_tag='{"x": 1}')
+    assert P(structural_tag={"type": "structural_tag", "structures": [], "triggers": []}).constrained
     with pytest.raises(BadRequestError, match="beam_width: not supported"):
         P(beam_width=4)
     with pytest.raises(BadRequestError, match="watermark: not supported"):

@@ -13,7 +13,7 @@ import torch
 
 from arborlm.runtime.errors import BadRequestError
 
-KINDS = ("regex", "json_schema", "ebnf", "json_object")
+KINDS = ("regex", "json_schema", "ebnf", "json_object", "structural_tag")
 JSON_OBJECT = "$$ANY$$"  # json_schema value meaning "any JSON object" (OpenAI json_object; SGLang's spelling)
 
 
@@ -24,19 +24,20 @@ class GrammarError(BadRequestError):
 @dataclass(frozen=True)
 class GrammarSpec:
     kind: str  # one of KINDS
-    value: str  # the regex, the schema as a JSON string, or the EBNF text ("" for json_object)
+    value: str  # the regex, the schema or structural tag as a JSON string, the EBNF text ("" for json_object)
     # json_schema: refuse what the backend cannot enforce (True), or generate under the rest and
     # leave it to the validation of the finished document (False: what requests get by default)
     strict: bool = True
 
     @classmethod
     def from_params(cls, params) -> "GrammarSpec | None":
-        for kind in ("regex", "json_schema", "ebnf"):
+        for kind in ("regex", "json_schema", "ebnf", "structural_tag"):
             value = getattr(params, kind, None)
             if value is not None:
                 if value == JSON_OBJECT:
                     return cls("json_object", "")
-                return cls(kind, value, strict=bool(getattr(params, "json_schema_strict", False)) or kind != "json_schema")
+                has_schema = kind in ("json_schema", "structural_tag")
+                return cls(kind, value, strict=bool(getattr(params, "json_schema_strict", False)) or not has_schema)
         return None
 
 

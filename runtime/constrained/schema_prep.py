@@ -71,8 +71,13 @@ def prepare_schema(spec, support):
     """The schema a backend compiles for a json_schema GrammarSpec: annotations dropped, exact
     rewrites made, then (non-strict) what `support` cannot enforce dropped, and finally checked:
     whatever is left unenforceable is refused by name (GrammarError)."""
-    schema = rewrite(drop_annotations(json.loads(spec.value)))
-    if not spec.strict:
+    return prepare_schema_dict(json.loads(spec.value), spec.strict, support)
+
+
+def prepare_schema_dict(schema, strict: bool, support):
+    """prepare_schema for a schema already parsed (a structural tag's tool parameters)."""
+    schema = rewrite(drop_annotations(schema))
+    if not strict:
         schema, _ = relax(schema, support)
     check_schema(schema, support)
     return schema

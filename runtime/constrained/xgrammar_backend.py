@@ -1,4 +1,4 @@
-"""The xgrammar backend: JSON Schema, regex, EBNF and any-JSON-object, compiled against the
+"""The xgrammar backend: JSON Schema, regex, EBNF, any-JSON-object and structural tags, compiled against the
 tokenizer's vocabulary; its matcher offers rollback and jump-forward strings natively."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from arborlm.runtime.constrained.base import GrammarError, GrammarSpec, bitmask_
 from arborlm.runtime.constrained.number_bounds import bound_schema
 from arborlm.runtime.constrained.schema_check import XGRAMMAR
 from arborlm.runtime.constrained.schema_prep import prepare_schema
+from arborlm.runtime.constrained.structural_tag import to_xgrammar
 
 # Fixed separators and no free whitespace: nothing to loop on, and keys/separators become forced
 # strings that jump-forward appends.
@@ -40,6 +41,8 @@ class XGrammarBackend:
                 compiled = self.compiler.compile_regex(spec.value)
             elif spec.kind == "ebnf":
                 compiled = self.compiler.compile_grammar(spec.value)
+            elif spec.kind == "structural_tag":
+                compiled = self.compiler.compile_structural_tag(to_xgrammar(spec.value, spec.strict, XGRAMMAR))
             else:
                 raise GrammarError(f"unknown grammar kind {spec.kind!r}")
         except GrammarError:

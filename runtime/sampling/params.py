@@ -1,6 +1,6 @@
 """Sampling parameters: SGLang's names and defaults, validated once when a request arrives.
 
-Every field of SGLang's sampling-params doc is accepted: most work; `structural_tag` and a
+Every field of SGLang's sampling-params doc is accepted: most work; beam search, watermarking and a
 `custom_params` paired with a custom logit processor are refused by name (UNSUPPORTED), and
 `stream_interval` only changes how streamed text is chunked. docs/sglang_compat.md lists them.
 """
@@ -16,13 +16,11 @@ import regex
 
 from arborlm.runtime.errors import BadRequestError
 
-GRAMMAR_FIELDS = ("regex", "json_schema", "ebnf")
+GRAMMAR_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag")
 
 # SGLang sampling parameters we do not implement: a value that asks for them is a 400 that says so
 # (name -> (is the value harmless?, why not)).
 UNSUPPORTED = {
-    "structural_tag": (lambda v: not v, "structural tags (SGLang's tool-call grammar format) are not supported; "
-                                        "use json_schema"),
     "beam_width": (lambda v: v in (0, 1), "beam search is not supported"),
     "watermark": (lambda v: not v or isinstance(v, dict) and not v.get("enabled"), "watermarking is not supported"),
 }
@@ -62,6 +60,7 @@ class SamplingParams:
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None
+    structural_tag: str | None = None  # JSON: xgrammar's format or SGLang's (structures + triggers)
     # json_schema keywords the grammar cannot enforce: refused (True) or verified after (False)
     json_schema_strict: bool = False
 
@@ -70,6 +69,8 @@ class SamplingParams:
         if d is not None and not isinstance(d, dict):
             raise BadRequestError(f"sampling_params: must be an object, got {type(d).__name__}")
         d = {k: v for k, v in (d or {}).items() if v is not None}  # null means "default", as in SGLang
+        if d.get("structural_tag") == "":
+            del d["structural_tag"]  # as SGLang: an empty tag asks for nothing
         for name, (harmless, why) in UNSUPPORTED.items():
             if name in d:
                 if not harmless(d.pop(name)):
@@ -83,8 +84,9 @@ class SamplingParams:
         unknown = sorted(set(d) - names)
         if unknown:
             raise BadRequestError(f"sampling_params.{unknown[0]}: unknown sampling parameter")
-        if isinstance(d.get("json_schema"), dict):  # the in-process Engine may pass the schema itself
-            d["json_schema"] = json.dumps(d["json_schema"])
+        for name in ("json_schema", "structural_tag"):  # the in-process Engine may pass the object itself
+            if isinstance(d.get(name), dict):
+                d[name] = json.dumps(d[name])
         for name in ("stop", "stop_regex"):
             if isinstance(d.get(name), str):
                 d[name] = [d[name]] if d[name] else []
@@ -173,6 +175,14 @@ class SamplingParams:
                 json.loads(self.json_schema)
             except ValueError as e:
                 raise BadRequestError(f"sampling_params.json_schema: not valid JSON ({e})") from None
+        if self.structural_tag is not None:
+            try:
+                tag = json.loads(self.structural_tag)
+            except ValueError as e:
+                raise BadRequestError(f"sampling_params.structural_tag: not valid JSON ({e})") from None
+            if not isinstance(tag, dict) or not ("format" in tag or "structures" in tag):
+                raise BadRequestError("sampling_params.structural_tag: must be an object with `format` (xgrammar's "
+                                      "form) or `structures` and `triggers` (SGLang's)")
 
     @property
     def greedy(self) -> bool:

@@ -19,6 +19,7 @@ class ServerArgs(EngineArgs):
     max_request_bytes: int = 8 << 20  # larger request bodies get 413
     log_level: str = "info"
     stream_interval: int = 1  # a streamed request reports every this many tokens
+    tool_call_parser: str = "auto"  # hermes, llama3 or mistral; auto: read from the chat template
 
     def __post_init__(self):
         super().__post_init__()
@@ -26,6 +27,10 @@ class ServerArgs(EngineArgs):
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+        from arborlm.runtime.tool_calls.formats import FORMATS
+
+        if self.tool_call_parser != "auto" and self.tool_call_parser not in FORMATS:
+            raise ValueError(f"tool_call_parser must be auto or one of {sorted(FORMATS)}, got {self.tool_call_parser!r}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -28,6 +29,7 @@ from arborlm.runtime.server.args import ServerArgs
 from arborlm.runtime.server.errors import error_body, error_response, validation_message
 from arborlm.runtime.server.procutil import Endpoints
 from arborlm.runtime.server.tokenizer_manager import RequestFailed, TokenizerManager
+from arborlm.runtime.tool_calls import pick_format
 
 logger = logging.getLogger("arborlm.server")
 
@@ -305,9 +307,12 @@ def create_app(args: ServerArgs, tm: TokenizerManager, model_name: str) -> FastA
             yield sse(error_body(getattr(e, "status", 400), str(e)))
         yield SSE_DONE
 
+    tool_format = pick_format(args.tool_call_parser, tm.tokenizer.chat_template)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _openai(request, openai_api.ChatCompletionRequest, openai_api.chat_subs, "chatcmpl",
+        subs = functools.partial(openai_api.chat_subs, tool_format=tool_format)
+        return await _openai(request, openai_api.ChatCompletionRequest, subs, "chatcmpl",
                              _chat_stream, openai_api.chat_response)
 
     async def _chat_stream(req, subs, rid, created):
@@ -316,18 +321,17 @@ def create_app(args: ServerArgs, tm: TokenizerManager, model_name: str) -> FastA
         try:
             for s in subs:
                 yield sse(openai_api.chat_chunk(rid, created, model_name, s.index, {"role": "assistant", "content": ""}))
+            tool_streams: dict = {}
             async for sub, st in native_api.stream_all(subs, tm):
                 n_text, n_lp = sent.get(sub.index, [0, 0])
-                delta = st.text[n_text:]
-                reason = openai_api.finish_reason(st) if st.finished else None
+                delta, reason = openai_api.chat_stream_delta(req, tool_streams, sub, st, n_text)
                 lps = None
                 if req.logprobs and len(st.output_logprobs) > n_lp:
                     lps = openai_api.chat_logprobs(tm, st.output_logprobs[n_lp:], st.output_top_logprobs[n_lp:])
                 sent[sub.index] = [len(st.text), len(st.output_logprobs)]
                 if delta or reason or lps:
-                    yield sse(openai_api.chat_chunk(rid, created, model_name, sub.index,
-                                                    {"content": delta} if delta else {}, reason, lps,
-                                                    document_check(sub.params, st.text, st.finished)))
+                    yield sse(openai_api.chat_chunk(rid, created, model_name, sub.index, delta, reason, lps,
+                                                    openai_api.final_check(req, sub, st)))
                 if st.finished:
                     finals[sub.index] = st
             if req.stream_options and req.stream_options.include_usage:

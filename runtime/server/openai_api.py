@@ -1,7 +1,9 @@
 """The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions.
 
 Requests become the same SamplingParams as /generate; unknown extra fields are ignored, as the
-OpenAI API does, while fields we cannot honour (tools, suffix, best_of) get a 400.
+OpenAI API does, while fields we cannot honour (suffix, best_of != n) get a 400. Tool calling
+(tools, tool_choice, parallel_tool_calls) is in arborlm.runtime.tool_calls: a structural tag
+enforces the calls, and the reply's text is parsed back into `tool_calls`.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from arborlm.runtime.constrained.validate import document_check
 from arborlm.runtime.errors import BadRequestError
 from arborlm.runtime.sampling.params import SamplingParams
 from arborlm.runtime.server.native_api import SubRequest, _copy_for_sample
 from arborlm.runtime.server.tokenizer_manager import ReqState, TokenizerManager
+from arborlm.runtime.tool_calls import ToolCallStream, ToolContext, ToolFormat, scan
+from arborlm.runtime.tool_calls.request import prompt_messages, template_takes_tools
 
 
 class StreamOptions(BaseModel):
@@ -90,6 +94,9 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None
 
 
 class ChatCompletionRequest(_Common):
@@ -99,7 +106,9 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    _tools: ToolContext | None = PrivateAttr(None)  # set by chat_subs
 
 
 def usage(states: list[ReqState], prompt_states: list[ReqState] | None = None) -> dict:
@@ -202,14 +211,29 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict]:
                     raise BadRequestError(f"messages.{i}.content: only text parts are supported")
                 parts.append(part["text"])
             content = "".join(parts)
-        msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise BadRequestError(f"messages.{i}.tool_calls: only assistant messages carry tool calls")
+            for j, call in enumerate(m.tool_calls):
+                fn = call.get("function")
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise BadRequestError(f"messages.{i}.tool_calls.{j}.function.name: required")
+            msg["tool_calls"] = m.tool_calls
+        if m.role == "tool" and m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            msg["name"] = m.name
+        msgs.append(msg)
     return msgs
 
 
-def chat_subs(req: ChatCompletionRequest, tm: TokenizerManager) -> list[SubRequest]:
-    if req.tools:
-        raise BadRequestError("tools: tool calling is not supported")
-    ids = tm.apply_chat_template(chat_messages(req))
+def chat_subs(req: ChatCompletionRequest, tm: TokenizerManager, tool_format: ToolFormat) -> list[SubRequest]:
+    ctx = ToolContext.from_request(req.tools, req.tool_choice, req.parallel_tool_calls, tool_format)
+    req._tools = ctx
+    native = template_takes_tools(tm.tokenizer.chat_template)
+    msgs = prompt_messages(chat_messages(req), tool_format, ctx, native)
+    ids = tm.apply_chat_template(msgs, tools=[t.openai() for t in ctx.offered] if ctx and native else None)
     max_tokens = req.max_completion_tokens or req.max_tokens
     if max_tokens is None:  # as OpenAI: up to the end of the context
         max_tokens = max(tm.context_length - len(ids), 1)
@@ -224,6 +248,11 @@ def chat_subs(req: ChatCompletionRequest, tm: TokenizerManager) -> list[SubReque
             raise BadRequestError("response_format.json_schema.schema: a JSON Schema object is required")
         sp["json_schema"] = json.dumps(spec["schema"])
         sp["json_schema_strict"] = bool(spec.get("strict"))  # OpenAI's strict: refuse what cannot be enforced
+    if ctx is not None:
+        if rf is not None and rf.type != "text":
+            raise BadRequestError("response_format: cannot be combined with tools unless tool_choice is \"none\"")
+        sp["structural_tag"] = json.dumps(ctx.structural_tag())
+        sp["json_schema_strict"] = ctx.strict
     params = SamplingParams.from_dict(sp)
     tm.check_ids(ids, params, "messages")
     top = req.top_logprobs or 0
@@ -247,15 +276,62 @@ def chat_logprobs(tm: TokenizerManager, pairs, tops) -> dict:
 
 
 def chat_response(req: ChatCompletionRequest, tm, subs, states, rid, created, model) -> dict:
-    choices = [{
-        "index": sub.index,
-        "message": {"role": "assistant", "content": st.text},
-        "logprobs": chat_logprobs(tm, st.output_logprobs, st.output_top_logprobs) if req.logprobs else None,
-        "finish_reason": finish_reason(st),
-        **document_check(sub.params, st.text, st.finished),
-    } for sub, st in zip(subs, states)]
+    choices = []
+    for sub, st in zip(subs, states):
+        message, reason, check = {"role": "assistant", "content": st.text}, finish_reason(st), None
+        if req._tools is not None:
+            content, calls = scan(st.text, req._tools.fmt, partial=False)
+            if calls:
+                message = {"role": "assistant", "content": content.strip() or None,
+                           "tool_calls": [c.openai() for c in calls]}
+                reason = tool_finish_reason(reason)
+            check = tool_check(req._tools, calls)
+        choices.append({
+            "index": sub.index, "message": message,
+            "logprobs": chat_logprobs(tm, st.output_logprobs, st.output_top_logprobs) if req.logprobs else None,
+            "finish_reason": reason,
+            **(check if check is not None else document_check(sub.params, st.text, st.finished)),
+        })
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": usage(states, states[:1])}
+
+
+def tool_finish_reason(reason: str | None) -> str | None:
+    """A reply that made calls and ended by itself ends with "tool_calls", as OpenAI's."""
+    return "tool_calls" if reason == "stop" else reason
+
+
+def tool_check(ctx: ToolContext, calls) -> dict:
+    """json_schema_valid for the calls of a finished tool reply (see ToolContext.check)."""
+    if not calls:
+        if ctx.choice == "auto":
+            return {}
+        return {"json_schema_valid": False, "json_schema_error": "tool_calls: tool_choice requires a call and the "
+                                                                 "reply holds no complete one"}
+    return ctx.check(calls)
+
+
+def chat_stream_delta(req: ChatCompletionRequest, tools: dict, sub, st: ReqState, n_text: int) -> tuple[dict, str | None]:
+    """The next delta of one streamed choice, and its finish reason once it ends; `tools` keeps
+    each choice's ToolCallStream."""
+    reason = finish_reason(st) if st.finished else None
+    if req._tools is None:
+        delta = st.text[n_text:]
+        return ({"content": delta} if delta else {}), reason
+    stream = tools.setdefault(sub.index, ToolCallStream(req._tools.fmt))
+    delta = stream.feed(st.text, st.finished)
+    if stream.called and reason is not None:
+        reason = tool_finish_reason(reason)
+    return delta, reason
+
+
+def final_check(req: ChatCompletionRequest, sub, st: ReqState) -> dict:
+    """What the last chunk of a streamed choice says of its validity (nothing before it ends)."""
+    if not st.finished:
+        return {}
+    if req._tools is not None:
+        return tool_check(req._tools, scan(st.text, req._tools.fmt, partial=False)[1])
+    return document_check(sub.params, st.text, st.finished)
 
 
 def chat_chunk(rid, created, model, index, delta: dict, reason=None, logprobs=None, extra: dict | None = None) -> dict:

@@ -77,9 +77,11 @@ class TokenizerManager:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
         try:
-            out = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+            out = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=True,
+                                                     add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - a template error is the request's fault
             raise BadRequestError(f"messages: the chat template failed: {e}") from e
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
