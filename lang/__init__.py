@@ -2,7 +2,7 @@
 
 from arborlm.lang.api import (assistant, assistant_begin, assistant_end, flush_cache, function, gen, gen_int,
                               gen_string, get_server_info, image, select, separate_reasoning, set_default_backend,
-                              system, system_begin, system_end, user, user_begin, user_end, video)
+                              system, system_begin, system_end, tools_prompt, user, user_begin, user_end, video)
 from arborlm.lang.backend.base import Backend, BackendError
 from arborlm.lang.choices import (greedy_token_selection, token_length_normalized,
                                   unconditional_likelihood_normalized)
@@ -36,6 +36,6 @@ def __getattr__(name):
 
 __all__ = ["function", "gen", "gen_int", "gen_string", "select", "system", "user", "assistant", "system_begin",
            "system_end", "user_begin", "user_end", "assistant_begin", "assistant_end", "set_default_backend",
-           "flush_cache", "get_server_info", "image", "video", "separate_reasoning", "global_config",
+           "flush_cache", "get_server_info", "tools_prompt", "image", "video", "separate_reasoning", "global_config",
            "Backend", "BackendError", "ProgramError", "ProgramState", "ForkGroup", "token_length_normalized",
            "greedy_token_selection", "unconditional_likelihood_normalized", *_LAZY]

@@ -79,11 +79,18 @@ def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int 
         presence_penalty: float | None = None, ignore_eos: bool | None = None, return_logprob: bool | None = None,
         logprob_start_len: int | None = None, top_logprobs_num: int | None = None,
         return_text_in_logprobs: bool | None = None, dtype: type | str | None = None,
-        choices: list[str] | None = None, choices_method=None, regex: str | None = None, json_schema=None):
+        choices: list[str] | None = None, choices_method=None, regex: str | None = None, json_schema=None,
+        tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool | None = None, tool_format: str = "hermes"):
     """Generate into variable `name` (SGLang's signature). `choices` makes it select(name, choices);
     `dtype` (int, float, bool, str or their names) constrains it with SGLang's REGEX_* (and wins over
     `regex`, with a warning, as in SGLang); `n` > 1 makes the variable a list of n samples (the text
-    continues with the first)."""
+    continues with the first).
+
+    `tools` (OpenAI function tools, with `tool_choice` and `parallel_tool_calls` as in the OpenAI
+    API; an arborlm extension) constrains the reply to `tool_format`'s calls the way the server's
+    /v1/chat/completions does; the variable holds the text as written, and its meta info holds
+    "tool_calls" (OpenAI's shape) and "content". Show the model its tools with tools_prompt()."""
     if choices:
         return select(name, choices, temperature=temperature or 0.0,
                       choices_method=choices_method or _choices.token_length_normalized)
@@ -98,13 +105,41 @@ def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int 
     schema, model = _schema(json_schema)
     if regex is not None and schema is not None:
         raise ValueError(f"gen {name!r}: pass regex or json_schema, not both")
+    tool_ctx = _tools(name, tools, tool_choice, parallel_tool_calls, tool_format)
+    if tool_ctx is not None and (regex is not None or schema is not None):
+        raise ValueError(f"gen {name!r}: tools cannot be combined with regex, json_schema or dtype")
     params = ir.SamplingParams(max_new_tokens=max_tokens, min_new_tokens=min_tokens, stop=stop,
                                stop_token_ids=stop_token_ids, stop_regex=stop_regex, n=n, temperature=temperature,
                                top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=frequency_penalty,
                                presence_penalty=presence_penalty, ignore_eos=ignore_eos, regex=regex,
                                json_schema=schema, return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-                               top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
-    return ir.Gen(name, params, dtype, model)
+                               top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
+                               structural_tag=json.dumps(tool_ctx.structural_tag()) if tool_ctx else None,
+                               json_schema_strict=tool_ctx.strict if tool_ctx else None)
+    return ir.Gen(name, params, dtype, model, tool_ctx)
+
+
+def _tools(name, tools, tool_choice, parallel_tool_calls, tool_format):
+    if tools is None and tool_choice is None:
+        return None
+    from arborlm.runtime.errors import BadRequestError
+    from arborlm.runtime.tool_calls import FORMATS, ToolContext
+
+    if tool_format not in FORMATS:
+        raise ValueError(f"gen {name!r}: tool_format must be one of {sorted(FORMATS)}, got {tool_format!r}")
+    try:
+        return ToolContext.from_request(tools, tool_choice, parallel_tool_calls, FORMATS[tool_format])
+    except BadRequestError as e:
+        raise ValueError(f"gen {name!r}: {e}") from None
+
+
+def tools_prompt(tools: list[dict], tool_format: str = "hermes") -> str:
+    """The block that shows a model its tools and how to call them (what the server puts in the
+    system message for a chat template without tool support): put it in your system() turn."""
+    ctx = _tools(None, tools, "auto", None, tool_format)
+    if ctx is None:
+        raise ValueError("tools_prompt: needs at least one tool")
+    return ctx.system_block()
 
 
 def gen_int(name: str | None = None, max_tokens: int | None = None, n: int | None = None, **kwargs):

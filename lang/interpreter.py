@@ -229,7 +229,7 @@ class Executor:
             self.text += outs[0]["text"]
             if g.name:
                 self.parsers[g.name] = g
-                self.set_var(g.name, [o["text"] for o in outs], [o["meta_info"] for o in outs])
+                self.set_var(g.name, [o["text"] for o in outs], [{**o["meta_info"], **g.tool_meta(o["text"])} for o in outs])
             return
         if self.stream:
             call.stream = True
@@ -250,7 +250,7 @@ class Executor:
             self.text += text
         if g.name:
             self.parsers[g.name] = g
-            self.set_var(g.name, text, meta)
+            self.set_var(g.name, text, {**meta, **g.tool_meta(text)})
             self.partial.pop(g.name, None)
             self.partial_meta.pop(g.name, None)
 

@@ -37,6 +37,8 @@ class SamplingParams:
     ignore_eos: bool | None = None
     regex: str | None = None
     json_schema: str | None = None
+    structural_tag: str | None = None  # set by gen(tools=...)
+    json_schema_strict: bool | None = None
     return_logprob: bool | None = None
     logprob_start_len: int | None = None
     top_logprobs_num: int | None = None
@@ -86,6 +88,16 @@ class Gen(Expr):
     params: SamplingParams
     dtype: type | None = None
     schema_model: type | None = None  # a pydantic model class: parsed values are its instances
+    tools: Any = None  # a runtime ToolContext: the reply's calls go into the meta info
+
+    def tool_meta(self, text: str) -> dict:
+        """{"tool_calls": [...], "content": ...} parsed from a finished reply ({} without tools)."""
+        if self.tools is None:
+            return {}
+        from arborlm.runtime.tool_calls import scan
+
+        content, calls = scan(text, self.tools.fmt, partial=False)
+        return {"tool_calls": [c.openai() for c in calls], "content": content, **self.tools.check(calls)}
 
     def parse(self, text: str):
         """The typed value of the generated text (int, pydantic object, JSON value) or the text."""

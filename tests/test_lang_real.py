@@ -134,3 +134,30 @@ def test_backend_error_names_the_variable(backend):
 
     err = bad.run(backend=backend).error()
     assert isinstance(err, sgl.ProgramError) and "variable 'y'" in str(err) and "max_new_tokens" in str(err)
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                   "required": ["city"], "additionalProperties": False}}}]
+
+
+@sgl.function
+def weather_agent(s, question):
+    s += sgl.system(sgl.tools_prompt(TOOLS))
+    s += sgl.user(question)
+    s += sgl.assistant(sgl.gen("call", tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=40))
+
+
+def test_gen_with_tools_makes_a_valid_call(backend):
+    import json
+
+    state = weather_agent.run(question="What's the weather in Oslo?", backend=backend, temperature=0)
+    assert state.error() is None
+    meta = state.get_meta_info("call")
+    assert meta["json_schema_valid"] is True and len(meta["tool_calls"]) == 1
+    call = meta["tool_calls"][0]["function"]
+    assert call["name"] == "get_weather" and isinstance(json.loads(call["arguments"])["city"], str)
+    assert state["call"].startswith("<tool_call>") and meta["content"] == ""
+    with pytest.raises(ValueError, match="tool_choice"):
+        sgl.gen("x", tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
