@@ -255,4 +255,32 @@ def test_guard_state_follows_rollback(guard, token_bytes):
         m.accept(ids[piece])
     assert m.state == LexState(in_string=False, escaped=False, chars=3, depth=2)
     m.rollback(3)
-    assert m.state == LexState(in_string=True, escaped=False, chars=2, depth=1)
+    assert m.state == LexState(in_string=True, escaped=False, chars=2, depth=1, tail=b"ab")
+
+
+def test_guard_sees_a_string_repeat_itself():
+    from arborlm.runtime.constrained.json_guard import looping
+
+    for text in (b"config.json.json.json.json.json", b"12:00:00.000000.000000.000000.000000", b"a" * 24,
+                 b"create_list_of_lists_with_list_of_lists_with_list_of_lists_with_list_of_lists"):
+        assert looping(text[-64:]), text
+    for text in (b"Hmmmm", b"https://example.com/a/b/c", b"The quick brown fox jumps over", b"1000000", b"a" * 23):
+        assert not looping(text), text
+
+
+def test_guard_closing_quote_does_not_start_the_next_item(backend, token_bytes):
+    """Closing within the budget: inside a string the guard offers `"` (or `"]`), never `",`,
+    which would only open the next item; outside, `]` rather than `],`."""
+    from arborlm.runtime.constrained.json_guard import JsonGuard
+
+    guard = JsonGuard(token_bytes, VOCAB, max_string=0, max_depth=0)
+    schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string"}}}, "required": ["a"]}
+    m = guard.matcher(backend.compile(GrammarSpec("json_schema", json.dumps(schema))).matcher())
+    ids = {b: t for t, b in token_bytes.items()}
+    for piece in (b"{", b'"', b"a", b'"', b":", b" ", b"[", b'"', b"x"):
+        assert m.accept(ids[piece]) or piece == b" ", piece  # (outlines writes no space after the colon)
+    m.set_budget(100, 99)
+    row = torch.zeros(bitmask_words(VOCAB), dtype=torch.int32)
+    m.fill_bitmask(row)
+    allowed = {token_bytes[t] for t in np.flatnonzero(np.unpackbits(row.numpy().view(np.uint8), bitorder="little")[:VOCAB])}
+    assert b'"' in allowed and all(not b.startswith(b'",') for b in allowed)

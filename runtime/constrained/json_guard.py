@@ -6,14 +6,17 @@ Like a whitespace loop, such an output runs to max_tokens and is cut, invalid. T
 the JSON lexically as tokens are accepted (inside a string or not, how deep) and narrows the
 grammar's mask:
 
-- once a string holds `max_string` characters, to the allowed tokens that close it; where the
+- once a string holds `max_string` characters, or its end repeats one short unit over and over
+  (`looping`), to the allowed tokens that close it; where the
   grammar does not allow the quote yet (a format: an email needs its "@domain"), to the first
   token of the shortest string of one-character tokens after which it does (a small search);
 - once `max_depth` objects/arrays are open, to the allowed tokens that open no other.
 
 - once few tokens are left before max_new_tokens (`closing_margin`: a reserve plus a few per open
-  container), to the tokens that close: a string's closing quote, then, outside strings, tokens
-  that open nothing and, where the grammar allows one, a `}` or `]`. So a document ends complete
+  container), to the tokens that close: a string's closing quote (alone or followed by `}`/`]`,
+  never by `,`, which would only start the next item), then, outside strings, tokens that open
+  nothing and, where the grammar allows one, a `}` or `]` (with no quote or comma, which would
+  open a string or the next item). So a document ends complete
   within its budget wherever the schema lets it (required properties still have to be written).
 
 If the grammar allows none of those (a minLength not met yet, a schema that requires deeper
@@ -36,6 +39,8 @@ from arborlm.runtime.constrained.base import Matcher, bitmask_words
 JSON_KINDS = ("json_schema", "json_object")  # the grammar kinds whose output is JSON
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
 _OPEN, _CLOSE = frozenset(b"{["), frozenset(b"}]")
+_NEXT = frozenset(b'",')  # a quote opens a string, a comma the next item: neither ends anything
+_CLOSING_TAIL = frozenset(b"}] \t\r\n")  # what may follow a string's closing quote in a token that ends things
 # One-character tokens tried, in order, when a string must close but the grammar wants more first
 # (the separators of emails, URIs, host names and dates, and one letter and digit).
 _FILLERS = b"@.:/-_a0"
@@ -51,6 +56,24 @@ class LexState:
     escaped: bool = False
     chars: int = 0  # characters of the open string so far
     depth: int = 0  # open objects and arrays
+    tail: bytes = b""  # the open string's last TAIL bytes, to see it repeat itself
+
+
+# A string whose last bytes are one unit of 1..MAX_PERIOD bytes over and over (at least
+# LOOP_BYTES of it, and three times) is a loop ("config.json.json.json", "000000.000000.000000"):
+# it is closed as if it had reached max_string.
+TAIL, MAX_PERIOD, LOOP_BYTES = 64, 21, 24
+
+
+def looping(tail: bytes) -> bool:
+    n = len(tail)
+    for p in range(1, MAX_PERIOD + 1):
+        span = max(3 * p, -(-LOOP_BYTES // p) * p)
+        if span > n:
+            break
+        if tail[-span:] == tail[-p:] * (span // p):
+            return True
+    return False
 
 
 class JsonGuard:
@@ -63,13 +86,15 @@ class JsonGuard:
         closes = np.zeros(bitmask_words(vocab_size) * 32, dtype=bool)
         flat = np.ones_like(closes)
         ends = np.zeros_like(closes)
+        final = np.zeros_like(closes)
         for tok, data in token_bytes.items():
             if tok >= len(closes):  # a tokenizer entry past the model's vocabulary
                 continue
             closes[tok] = data[:1] == b'"'
+            final[tok] = closes[tok] and set(data[1:]) <= _CLOSING_TAIL
             flat[tok] = not (_OPEN & set(data))
-            ends[tok] = flat[tok] and bool(_CLOSE & set(data))
-        self.closes, self.flat, self.ends = _pack(closes), _pack(flat), _pack(ends)
+            ends[tok] = flat[tok] and bool(_CLOSE & set(data)) and not (_NEXT & set(data))
+        self.closes, self.flat, self.ends, self.final = _pack(closes), _pack(flat), _pack(ends), _pack(final)
         single = {data: tok for tok, data in token_bytes.items() if len(data) == 1}
         self.quote = single.get(b'"')
         self.fillers = [single[bytes([c])] for c in _FILLERS if bytes([c]) in single]
@@ -79,6 +104,7 @@ class JsonGuard:
 
     def step(self, s: LexState, data: bytes) -> LexState:
         in_string, escaped, chars, depth = s.in_string, s.escaped, s.chars, s.depth
+        tail = s.tail
         for c in data:
             if in_string:
                 if escaped:
@@ -90,12 +116,15 @@ class JsonGuard:
                 elif c & 0xC0 != 0x80:  # not a UTF-8 continuation byte: a new character
                     chars += 1
             elif c == _QUOTE:
-                in_string, chars = True, 0
+                in_string, chars, tail = True, 0, b""
+                continue
             elif c in _OPEN:
                 depth += 1
             elif c in _CLOSE:
                 depth -= 1
-        return LexState(in_string, escaped, chars, depth)
+            if in_string:
+                tail = (tail + bytes([c]))[-TAIL:]
+        return LexState(in_string, escaped, chars, depth, tail if in_string else b"")
 
 
 def _pack(allowed: np.ndarray) -> torch.Tensor:
@@ -133,8 +162,12 @@ class GuardedMatcher:
                 ends = narrowed & g.ends
                 row.copy_(ends if ends.any() else narrowed)
             return
-        if s.in_string and not s.escaped and (s.chars >= g.max_string or closing):
+        if s.in_string and not s.escaped and (s.chars >= g.max_string or closing or looping(s.tail)):
             narrowed = row & g.closes
+            if closing:  # `"` or `"}`, not `",`: a closing quote that goes on to the next item undoes the point
+                final = narrowed & g.final
+                if final.any():
+                    narrowed = final
             if not narrowed.any():
                 self.plan = self.plan or self._path_to_quote() or []
                 if not self.plan:
