@@ -88,11 +88,12 @@ class DecodeGraphs:
     def _warm(self, b: int) -> None:
         t0 = time.perf_counter()
         try:
-            zeros = torch.zeros(b, dtype=torch.int64)
             with torch.inference_mode():
+                # Distinct inference tensors, as __call__ passes (guards cover aliasing and dispatch keys).
                 # Writes only to the padding slot 0; reads slot table[0, 0].
-                self.compiled(zeros, zeros, zeros, self.kv_pool.k_buffer, self.kv_pool.v_buffer, self.req_to_token,
-                              zeros, torch.ones(b, dtype=torch.int64), torch.zeros((), dtype=torch.int64))
+                ids, pos, slots, rows = (torch.zeros(b, dtype=torch.int64) for _ in range(4))
+                self.compiled(ids, pos, slots, self.kv_pool.k_buffer, self.kv_pool.v_buffer, self.req_to_token,
+                              rows, torch.ones(b, dtype=torch.int64), torch.zeros((), dtype=torch.int64))
             self.compile_seconds[b] = time.perf_counter() - t0
             self.ready.add(b)
             logger.info("decode graph for batch %d ready in %.1fs", b, self.compile_seconds[b])
@@ -117,6 +118,12 @@ class DecodeGraphs:
             positions = padded(positions, positions[:1])
             out_slots = padded(out_slots, torch.zeros(1, dtype=out_slots.dtype))
             rows, seq_lens = padded(rows, rows[:1]), padded(seq_lens, seq_lens[:1])
-        logits = self.compiled(input_ids, positions, out_slots, self.kv_pool.k_buffer, self.kv_pool.v_buffer,
-                               self.req_to_token, rows, seq_lens, torch.tensor(prefix_len, dtype=torch.int64))
+        # As in _warm: inference mode, and the small inputs as inference tensors. Grad mode and each
+        # tensor's dispatch keys are part of the graph's guards, so anything else would recompile the
+        # bucket on the serving thread (and count towards Dynamo's recompile limit).
+        with torch.inference_mode():
+            small = [t if t.is_inference() else t.clone() for t in (input_ids, positions, out_slots, rows, seq_lens)]
+            input_ids, positions, out_slots, rows, seq_lens = small
+            logits = self.compiled(input_ids, positions, out_slots, self.kv_pool.k_buffer, self.kv_pool.v_buffer,
+                                   self.req_to_token, rows, seq_lens, torch.tensor(prefix_len, dtype=torch.int64))
         return logits[:n]
