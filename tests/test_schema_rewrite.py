@@ -111,3 +111,46 @@ def test_engine_non_strict_is_verified_and_strict_is_a_400(engine):
         assert meta["json_schema_valid"] is False and meta["json_schema_error"]
     with pytest.raises(BadRequestError, match="keyword 'not' is unsupported"):
         engine.generate("Hi", {"json_schema": UNENFORCEABLE, "json_schema_strict": True, "max_new_tokens": 4})
+
+
+LOOSENED = {  # non-strict: what a backend reads alone is kept as a superset, not dropped
+    "siblings_of_anyOf": {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"],
+                          "anyOf": [{"properties": {"a": {"type": "string", "maxLength": 3}}, "required": ["a"]},
+                                    {"properties": {"b": {"type": "boolean"}}, "required": ["b"]}]},
+    "overlapping_oneOf": {"oneOf": [{"type": "string", "maxLength": 3}, {"type": "string", "pattern": "^a+$", "maxLength": 3}]},
+    "siblings_of_ref": {"$defs": {"base": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}},
+                        "$ref": "#/$defs/base", "properties": {"y": {"type": "boolean"}}, "required": ["y"]},
+    "if_then_else": {"type": "object", "properties": {"kind": {"enum": ["a", "b"]}}, "required": ["kind"],
+                     "if": {"properties": {"kind": {"const": "a"}}},
+                     "then": {"properties": {"n": {"type": "integer"}}, "required": ["n"]},
+                     "else": {"properties": {"s": {"type": "string", "maxLength": 4}}, "required": ["s"]}},
+    "false_property": {"type": "object", "properties": {"a": {"type": "integer"}, "gone": False}, "required": ["a"],
+                       "additionalProperties": False},
+    "recursive_ref_with_siblings": {"$defs": {"node": {"type": "object", "properties": {
+        "kids": {"type": "array", "maxItems": 2, "items": {"$ref": "#/$defs/node", "required": ["v"]}},
+        "v": {"type": "integer"}}}}, "$ref": "#/$defs/node", "required": ["v"]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOOSENED))
+def test_loosened_schemas_keep_what_stands_beside(backend, token_bytes, closers, name):
+    """The relaxed schema keeps the keywords beside anyOf / $ref / if (its walks validate against
+    it, and it still requires what the original required at the top), and compiles."""
+    schema = LOOSENED[name]
+    support = XGRAMMAR if backend.name == "xgrammar" else OUTLINES
+    relaxed, dropped = relax(rewrite(schema), support)
+    assert not {"required at #", "properties at #", "anyOf at #"} & set(dropped), dropped
+    if name == "recursive_ref_with_siblings" and backend.name == "outlines":
+        return  # outlines cannot build a recursive schema at all (refused, test_schema_corpus)
+    grammar = backend.compile(GrammarSpec("json_schema", json.dumps(schema), strict=False))
+    checker = jsonschema.Draft202012Validator(relaxed)
+    ended = 0
+    for i in range(4):
+        out, done, _ = walk(grammar.matcher(), token_bytes, closers, random.Random(f"{name}-{i}"))
+        if done:
+            ended += 1
+            doc = json.loads(out.decode())
+            checker.validate(doc)
+            if isinstance(schema.get("required"), list):
+                assert set(schema["required"]) <= set(doc)
+    assert ended

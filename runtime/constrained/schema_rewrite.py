@@ -172,13 +172,121 @@ def relax(schema, support: Support) -> tuple[object, list[str]]:
     """A copy without what `support` cannot enforce, and a list of "keyword at path" drops."""
     schema = copy.deepcopy(schema)
     dropped: list[str] = []
-    _relax(schema, support, "#", dropped)
+    _relax(schema, support, "#", dropped, schema)
     return schema, dropped
 
 
-def _relax(node, s: Support, path: str, dropped: list[str]) -> None:
+# The keywords a backend reads alone at their node (ALONE); what stands beside them is folded in.
+_COMBINERS = ("anyOf", "allOf", "$ref")
+
+
+def _loosen(node: dict, root, path: str, dropped: list[str], inlining: frozenset) -> str | None:
+    """Keep what a backend would ignore rather than drop it, enforcing a superset where exactness
+    is lost (the document is validated against the schema as sent, so nothing passes unflagged):
+    a non-exclusive `oneOf` becomes `anyOf` (exclusivity verified after), `if`/`then`/`else`
+    becomes `anyOf` [if and then, else] (that a document meeting `if` meets `then` is verified
+    after); keywords beside an
+    `anyOf` go into each branch, beside a `$ref` or an `allOf` into one merged schema (the local
+    reference inlined once); `allOf` branches that do not merge exactly are merged loosely; a
+    property that may not appear (`false`) is left out. Returns the reference inlined, if any."""
+    for key in ("properties", "patternProperties"):
+        if isinstance(node.get(key), dict):
+            for name in [n for n, sub in node[key].items() if sub is False]:
+                del node[key][name]
+                dropped.append(f"{key}/{name} at {path} (false: may not appear, verified after)")
+    if isinstance(node.get("oneOf"), list) and "anyOf" not in node:
+        node["anyOf"] = node.pop("oneOf")
+        dropped.append(f"oneOf exclusivity at {path} (enforced as anyOf)")
+    if isinstance(node.get("if"), dict) and isinstance(node.get("else"), dict) and "anyOf" not in node:
+        then = node.pop("then", {})
+        node["anyOf"] = [_merge_loose(node.pop("if"), then if isinstance(then, dict) else {}), node.pop("else")]
+        dropped.append(f"if/then/else at {path} (enforced as anyOf [if+then, else])")
+    if sum(k in node for k in _COMBINERS) != 1:
+        return None
+    siblings = {k: v for k, v in node.items() if k not in ANNOTATIONS and k not in _COMBINERS}
+    if isinstance(node.get("anyOf"), list):
+        if siblings:
+            node["anyOf"] = [_merge_loose(b, siblings) for b in node["anyOf"]]
+            for k in siblings:
+                del node[k]
+        return None
+    refs = [node["$ref"]] if "$ref" in node else \
+        [b["$ref"] for b in node.get("allOf") or [] if isinstance(b, dict) and set(b) == {"$ref"}]
+    if any(r in inlining for r in refs):
+        return None  # inlining it again would not end
+    if "$ref" in node:
+        if not siblings:
+            return None
+        target = _resolve(root, node["$ref"])
+        if not isinstance(target, dict) or "$ref" in target:
+            return None
+        parts = [target, siblings]
+    elif isinstance(node.get("allOf"), list) and (siblings or len(node["allOf"]) > 1):
+        parts = [siblings] + [_resolve(root, b["$ref"]) if isinstance(b, dict) and set(b) == {"$ref"} else b
+                              for b in node["allOf"]]
+        if not all(isinstance(p, dict) for p in parts):
+            return None
+    else:
+        return None
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = _merge_loose(merged, part)
+    if any(k in merged for k in _COMBINERS) and not (set(merged) & set(_COMBINERS)) <= {"anyOf"}:
+        return None  # still more than one combiner: leave it to the drops below
+    dropped.append(f"{'$ref' if '$ref' in node else 'allOf'} at {path} (merged with what stands beside it)")
+    keep = {k: v for k, v in node.items() if k in ANNOTATIONS}
+    node.clear()
+    node.update(keep)
+    node.update(merged)
+    return "|".join(refs) or None
+
+
+def _merge_loose(a, b):
+    """a and b in one schema object: required and properties united, a's value where both set one."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return a
+    out = copy.deepcopy(a)
+    for key, value in b.items():
+        if key in ANNOTATIONS:
+            continue
+        if key not in out:
+            out[key] = copy.deepcopy(value)
+        elif key == "required" and isinstance(out[key], list) and isinstance(value, list):
+            out[key] = list(dict.fromkeys(out[key] + value))
+        elif key == "properties" and isinstance(out[key], dict) and isinstance(value, dict):
+            for name, sub in value.items():
+                out[key].setdefault(name, copy.deepcopy(sub))
+        elif key == "type":
+            ta = set(out[key]) if isinstance(out[key], list) else {out[key]}
+            tb = set(value) if isinstance(value, list) else {value}
+            both = ta & tb | ({"integer"} if "integer" in ta | tb and "number" in ta | tb else set())
+            if both:
+                out[key] = sorted(both) if len(both) > 1 else both.pop()
+    return out
+
+
+def _resolve(root, ref):
+    """The subschema a local `#/...` reference points at (None if it is not one)."""
+    if not isinstance(ref, str) or not ref.startswith("#/"):
+        return None
+    node = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _relax(node, s: Support, path: str, dropped: list[str], root=None, inlining: frozenset = frozenset()) -> None:
     if not isinstance(node, dict):
         return
+    inlined = _loosen(node, root, path, dropped, inlining)
+    if inlined:
+        inlining = inlining | set(inlined.split("|"))
 
     def drop(*keys):
         for k in keys:
@@ -221,4 +329,4 @@ def _relax(node, s: Support, path: str, dropped: list[str]) -> None:
         if not s.empty_schema and isinstance(sub, dict) and not set(sub) - ANNOTATIONS:
             container[key] = dict(ANY_SCALAR)  # narrower than any JSON value: outputs stay valid
             dropped.append(f"{{}} at {path}/{step} (narrowed to a scalar)")
-        _relax(container[key], s, f"{path}/{step}", dropped)
+        _relax(container[key], s, f"{path}/{step}", dropped, root, inlining)
