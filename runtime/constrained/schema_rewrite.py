@@ -7,7 +7,10 @@
 - `dependencies` -> `dependentRequired` (name lists) / `dependentSchemas` (schemas);
 - a `required` name missing from `properties` -> a property of any JSON value there (when other
   properties are allowed; without that, as without `properties`, it is left for the check);
-- `allOf` branches merged into their node where they do not conflict.
+- `allOf` branches merged into their node where they do not conflict;
+- a `$ref` into the middle of a schema (`#/definitions/a/properties/b`) -> one to a copy under
+  `$defs`, so the rewrites below cannot move its target; raw control characters in a `pattern`
+  -> their escapes.
 
 `relax` (non-strict requests) then drops what the backend still cannot enforce, naming each drop:
 the grammar generates under the rest, and the finished document is validated against the schema
@@ -18,6 +21,7 @@ valid. Strict requests skip `relax`: schema_check.py refuses such a keyword by n
 from __future__ import annotations
 
 import copy
+import json
 
 from arborlm.runtime.constrained.schema_check import ALONE, ANNOTATIONS, LENGTH, LOOKAROUND, Support
 
@@ -47,14 +51,68 @@ def _children(node: dict):
 
 # ---- exact rewrites --------------------------------------------------------------------------------
 def rewrite(schema):
-    schema = copy.deepcopy(schema)
+    schema = _hoist_refs(copy.deepcopy(schema))
     _rewrite(schema)
     return schema
+
+
+def _hoist_refs(schema):
+    """Point every local $ref at a copy of its target under $defs (when it is not already a direct
+    child of $defs or definitions), so that merging and moving keywords below cannot break it: a
+    reference such as `#/definitions/a/properties/b` names a place the rewrites may restructure."""
+    if not isinstance(schema, dict):
+        return schema
+    refs: set[str] = set()
+    _collect_refs(schema, refs)
+    moved = {}
+    for ref in sorted(refs):
+        parts = ref[2:].split("/") if ref.startswith("#/") else None
+        if parts is None or len(parts) == 2 and parts[0] in ("$defs", "definitions"):
+            continue
+        target = _resolve(schema, ref)
+        if target is not None:
+            moved[ref] = (f"_ref{len(moved)}", copy.deepcopy(target))
+    if moved:
+        defs = schema.setdefault("$defs", {}) if isinstance(schema.get("$defs", {}), dict) else None
+        if defs is None:
+            return schema
+        for ref, (name, target) in moved.items():
+            defs[name] = target
+        _repoint(schema, {ref: f"#/$defs/{name}" for ref, (name, _) in moved.items()})
+    return schema
+
+
+def _collect_refs(node, out: set) -> None:
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            out.add(node["$ref"])
+        for k, v in node.items():
+            if k not in ("enum", "const", "default", "examples"):
+                _collect_refs(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _collect_refs(v, out)
+
+
+def _repoint(node, new: dict) -> None:
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str) and node["$ref"] in new:
+            node["$ref"] = new[node["$ref"]]
+        for k, v in node.items():
+            if k not in ("enum", "const", "default", "examples"):
+                _repoint(v, new)
+    elif isinstance(node, list):
+        for v in node:
+            _repoint(v, new)
 
 
 def _rewrite(node) -> None:
     if not isinstance(node, dict):
         return
+    if isinstance(node.get("pattern"), str) and any(c in node["pattern"] for c in "\n\r\t"):
+        # a control character written raw (inside a character class, say) is the same as its escape,
+        # which every regex-to-grammar compiler reads
+        node["pattern"] = node["pattern"].replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
     if isinstance(node.get("items"), list):  # draft 4 tuple form
         node["prefixItems"] = node.pop("items")
         if "additionalItems" in node:
@@ -172,15 +230,33 @@ def relax(schema, support: Support) -> tuple[object, list[str]]:
     """A copy without what `support` cannot enforce, and a list of "keyword at path" drops."""
     schema = copy.deepcopy(schema)
     dropped: list[str] = []
-    _relax(schema, support, "#", dropped, schema)
+    _relax(schema, support, "#", dropped, _Loosening(schema, LOOSEN_BUDGET))
     return schema, dropped
+
+
+# Characters of schema text the loosening may add by copying (siblings into anyOf branches, a
+# $ref's target inlined): without a bound, folding nested in nested multiplies a large schema
+# (package.json: 130 KB relaxed -> 690 KB, and minutes of grammar compilation instead of seconds).
+LOOSEN_BUDGET = 32_000
+
+
+class _Loosening:
+    def __init__(self, root, budget: int):
+        self.root, self.left = root, budget
+
+    def spend(self, *parts, times: int = 1) -> bool:
+        cost = times * sum(len(json.dumps(p)) for p in parts)
+        if cost > self.left:
+            return False
+        self.left -= cost
+        return True
 
 
 # The keywords a backend reads alone at their node (ALONE); what stands beside them is folded in.
 _COMBINERS = ("anyOf", "allOf", "$ref")
 
 
-def _loosen(node: dict, root, path: str, dropped: list[str], inlining: frozenset) -> str | None:
+def _loosen(node: dict, lo: "_Loosening", path: str, dropped: list[str], inlining: frozenset) -> str | None:
     """Keep what a backend would ignore rather than drop it, enforcing a superset where exactness
     is lost (the document is validated against the schema as sent, so nothing passes unflagged):
     a non-exclusive `oneOf` becomes `anyOf` (exclusivity verified after), `if`/`then`/`else`
@@ -204,8 +280,9 @@ def _loosen(node: dict, root, path: str, dropped: list[str], inlining: frozenset
     if sum(k in node for k in _COMBINERS) != 1:
         return None
     siblings = {k: v for k, v in node.items() if k not in ANNOTATIONS and k not in _COMBINERS}
+    root = lo.root
     if isinstance(node.get("anyOf"), list):
-        if siblings:
+        if siblings and lo.spend(siblings, times=len(node["anyOf"]) - 1):
             node["anyOf"] = [_merge_loose(b, siblings) for b in node["anyOf"]]
             for k in siblings:
                 del node[k]
@@ -218,13 +295,14 @@ def _loosen(node: dict, root, path: str, dropped: list[str], inlining: frozenset
         if not siblings:
             return None
         target = _resolve(root, node["$ref"])
-        if not isinstance(target, dict) or "$ref" in target:
+        if not isinstance(target, dict) or "$ref" in target or not lo.spend(target):
             return None
         parts = [target, siblings]
     elif isinstance(node.get("allOf"), list) and (siblings or len(node["allOf"]) > 1):
         parts = [siblings] + [_resolve(root, b["$ref"]) if isinstance(b, dict) and set(b) == {"$ref"} else b
                               for b in node["allOf"]]
-        if not all(isinstance(p, dict) for p in parts):
+        if not all(isinstance(p, dict) for p in parts) or not lo.spend(*[p for b, p in zip(node["allOf"], parts[1:])
+                                                                         if isinstance(b, dict) and set(b) == {"$ref"}]):
             return None
     else:
         return None
@@ -281,10 +359,10 @@ def _resolve(root, ref):
     return node
 
 
-def _relax(node, s: Support, path: str, dropped: list[str], root=None, inlining: frozenset = frozenset()) -> None:
+def _relax(node, s: Support, path: str, dropped: list[str], lo: _Loosening, inlining: frozenset = frozenset()) -> None:
     if not isinstance(node, dict):
         return
-    inlined = _loosen(node, root, path, dropped, inlining)
+    inlined = _loosen(node, lo, path, dropped, inlining)
     if inlined:
         inlining = inlining | set(inlined.split("|"))
 
@@ -329,4 +407,4 @@ def _relax(node, s: Support, path: str, dropped: list[str], root=None, inlining:
         if not s.empty_schema and isinstance(sub, dict) and not set(sub) - ANNOTATIONS:
             container[key] = dict(ANY_SCALAR)  # narrower than any JSON value: outputs stay valid
             dropped.append(f"{{}} at {path}/{step} (narrowed to a scalar)")
-        _relax(container[key], s, f"{path}/{step}", dropped, root, inlining)
+        _relax(container[key], s, f"{path}/{step}", dropped, lo, inlining)
