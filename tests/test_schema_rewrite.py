@@ -31,6 +31,10 @@ REWRITTEN = {  # name -> (schema, what the rewrite must produce somewhere)
                     "prefixItems"),
     "required_outside_properties": ({"type": "object", "properties": {"a": {"type": "integer"}},
                                      "required": ["a", "b"]}, "properties"),
+    "ref_into_the_middle": ({"definitions": {"a": {"type": "object", "properties": {"b": {"type": "string", "maxLength": 4}}}},
+                            "type": "object", "properties": {"x": {"$ref": "#/definitions/a/properties/b"}},
+                            "required": ["x"]}, "_ref0"),
+    "raw_newline_in_pattern": ({"type": "string", "pattern": "^[ab\n]{1,3}$"}, "pattern"),
     "allOf_merged": ({"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
                                 {"properties": {"b": {"type": "boolean"}}, "required": ["b"]}]}, "required"),
 }
@@ -64,6 +68,8 @@ def backend(request, tokenizer):
 @pytest.mark.parametrize("name", sorted(REWRITTEN))
 def test_rewritten_schemas_compile_strictly_and_walk_validly(backend, token_bytes, closers, name):
     schema = REWRITTEN[name][0]
+    if name == "raw_newline_in_pattern" and backend.name == "outlines":
+        pytest.skip("outlines matches a pattern against the raw JSON text: a newline it allows comes out unescaped")
     if name == "required_outside_properties" and backend.name == "outlines":  # the added {} is not
         with pytest.raises(GrammarError, match="empty schema"):             # enforced there: narrowed
             backend.compile(GrammarSpec("json_schema", json.dumps(schema), strict=True))

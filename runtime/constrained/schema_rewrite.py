@@ -62,8 +62,7 @@ def _hoist_refs(schema):
     reference such as `#/definitions/a/properties/b` names a place the rewrites may restructure."""
     if not isinstance(schema, dict):
         return schema
-    refs: set[str] = set()
-    _collect_refs(schema, refs)
+    refs = {n["$ref"] for n in _ref_nodes(schema)}
     moved = {}
     for ref in sorted(refs):
         parts = ref[2:].split("/") if ref.startswith("#/") else None
@@ -78,32 +77,23 @@ def _hoist_refs(schema):
             return schema
         for ref, (name, target) in moved.items():
             defs[name] = target
-        _repoint(schema, {ref: f"#/$defs/{name}" for ref, (name, _) in moved.items()})
+        new = {ref: f"#/$defs/{name}" for ref, (name, _) in moved.items()}
+        for n in list(_ref_nodes(schema)):
+            n["$ref"] = new.get(n["$ref"], n["$ref"])
     return schema
 
 
-def _collect_refs(node, out: set) -> None:
+def _ref_nodes(node):
+    """Every schema object holding a string $ref (data values such as enum and const are skipped)."""
     if isinstance(node, dict):
         if isinstance(node.get("$ref"), str):
-            out.add(node["$ref"])
+            yield node
         for k, v in node.items():
             if k not in ("enum", "const", "default", "examples"):
-                _collect_refs(v, out)
+                yield from _ref_nodes(v)
     elif isinstance(node, list):
         for v in node:
-            _collect_refs(v, out)
-
-
-def _repoint(node, new: dict) -> None:
-    if isinstance(node, dict):
-        if isinstance(node.get("$ref"), str) and node["$ref"] in new:
-            node["$ref"] = new[node["$ref"]]
-        for k, v in node.items():
-            if k not in ("enum", "const", "default", "examples"):
-                _repoint(v, new)
-    elif isinstance(node, list):
-        for v in node:
-            _repoint(v, new)
+            yield from _ref_nodes(v)
 
 
 def _rewrite(node) -> None:
