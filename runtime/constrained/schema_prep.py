@@ -12,10 +12,11 @@ what the backend cannot enforce (schema_rewrite.py) before the check (schema_che
 
 from __future__ import annotations
 
+import copy
 import json
 
 from arborlm.runtime.constrained.schema_check import check_schema
-from arborlm.runtime.constrained.schema_rewrite import relax, rewrite
+from arborlm.runtime.constrained.schema_rewrite import hoist_refs, relax, rewrite
 
 # Validation and structure keywords of drafts 4, 6, 7, 2019-09 and 2020-12 (and draft 4's `id`).
 VALIDATION = frozenset({
@@ -76,7 +77,7 @@ def prepare_schema(spec, support):
 
 def prepare_schema_dict(schema, strict: bool, support):
     """prepare_schema for a schema already parsed (a structural tag's tool parameters)."""
-    schema = rewrite(drop_annotations(schema))
+    schema = rewrite(drop_annotations(hoist_refs(copy.deepcopy(schema))))
     if not strict:
         schema, _ = relax(schema, support)
     check_schema(schema, support)

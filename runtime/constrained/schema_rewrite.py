@@ -51,15 +51,17 @@ def _children(node: dict):
 
 # ---- exact rewrites --------------------------------------------------------------------------------
 def rewrite(schema):
-    schema = _hoist_refs(copy.deepcopy(schema))
+    schema = hoist_refs(copy.deepcopy(schema))
     _rewrite(schema)
     return schema
 
 
-def _hoist_refs(schema):
+def hoist_refs(schema):
     """Point every local $ref at a copy of its target under $defs (when it is not already a direct
     child of $defs or definitions), so that merging and moving keywords below cannot break it: a
-    reference such as `#/definitions/a/properties/b` names a place the rewrites may restructure."""
+    reference such as `#/definitions/a/properties/b` names a place the rewrites may restructure,
+    and `#/definitions/a/webhooks` one that dropping annotations removes (run it first). Changes
+    `schema` in place and returns it."""
     if not isinstance(schema, dict):
         return schema
     refs = {n["$ref"] for n in _ref_nodes(schema)}
