@@ -312,7 +312,8 @@ def _loosen(node: dict, lo: "_Loosening", path: str, dropped: list[str], inlinin
 
 
 def _merge_loose(a, b):
-    """a and b in one schema object: required and properties united, a's value where both set one."""
+    """a and b in one schema object: required united, properties united (one in both merged the
+    same way), types intersected, a's value for any other keyword both set."""
     if not isinstance(a, dict) or not isinstance(b, dict):
         return a
     out = copy.deepcopy(a)
@@ -324,8 +325,8 @@ def _merge_loose(a, b):
         elif key == "required" and isinstance(out[key], list) and isinstance(value, list):
             out[key] = list(dict.fromkeys(out[key] + value))
         elif key == "properties" and isinstance(out[key], dict) and isinstance(value, dict):
-            for name, sub in value.items():
-                out[key].setdefault(name, copy.deepcopy(sub))
+            for name, sub in value.items():  # a property in both must meet both: merged the same way
+                out[key][name] = _merge_loose(out[key][name], sub) if name in out[key] else copy.deepcopy(sub)
         elif key == "type":
             ta = set(out[key]) if isinstance(out[key], list) else {out[key]}
             tb = set(value) if isinstance(value, list) else {value}
