@@ -88,6 +88,8 @@ class DecodeGraphs:
     def _warm(self, b: int) -> None:
         t0 = time.perf_counter()
         try:
+            # Dynamo's settings are per thread: this (compile) thread needs the bucket count's limit.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(BUCKETS))
             with torch.inference_mode():
                 # Distinct inference tensors, as __call__ passes (guards cover aliasing and dispatch keys).
                 # Writes only to the padding slot 0; reads slot table[0, 0].
