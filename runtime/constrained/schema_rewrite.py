@@ -222,14 +222,15 @@ def relax(schema, support: Support) -> tuple[object, list[str]]:
     """A copy without what `support` cannot enforce, and a list of "keyword at path" drops."""
     schema = copy.deepcopy(schema)
     dropped: list[str] = []
-    _relax(schema, support, "#", dropped, _Loosening(schema, LOOSEN_BUDGET))
+    _relax(schema, support, "#", dropped, _Loosening(schema, max(LOOSEN_BUDGET, len(json.dumps(schema)) // 4)))
     return schema, dropped
 
 
 # Characters of schema text the loosening may add by copying (siblings into anyOf branches, a
-# $ref's target inlined): without a bound, folding nested in nested multiplies a large schema
-# (package.json: 130 KB relaxed -> 690 KB, and minutes of grammar compilation instead of seconds).
-LOOSEN_BUDGET = 32_000
+# $ref's target inlined), at least, or a quarter of the schema's own size: without a bound, folding
+# nested in nested multiplies a large schema (package.json: 130 KB relaxed -> 690 KB, and minutes
+# of grammar compilation instead of seconds).
+LOOSEN_BUDGET = 64_000
 
 
 class _Loosening:
@@ -244,8 +245,6 @@ class _Loosening:
         return True
 
 
-# The keywords a backend reads alone at their node (ALONE); what stands beside them is folded in.
-_COMBINERS = ("anyOf", "allOf", "$ref")
 
 
 def _loosen(node: dict, lo: "_Loosening", path: str, dropped: list[str], inlining: frozenset) -> str | None:
@@ -269,46 +268,44 @@ def _loosen(node: dict, lo: "_Loosening", path: str, dropped: list[str], inlinin
         then = node.pop("then", {})
         node["anyOf"] = [_merge_loose(node.pop("if"), then if isinstance(then, dict) else {}), node.pop("else")]
         dropped.append(f"if/then/else at {path} (enforced as anyOf [if+then, else])")
-    if sum(k in node for k in _COMBINERS) != 1:
-        return None
-    siblings = {k: v for k, v in node.items() if k not in ANNOTATIONS and k not in _COMBINERS}
-    root = lo.root
-    if isinstance(node.get("anyOf"), list):
-        if siblings and lo.spend(siblings, times=len(node["anyOf"]) - 1):
-            node["anyOf"] = [_merge_loose(b, siblings) for b in node["anyOf"]]
-            for k in siblings:
-                del node[k]
-        return None
-    refs = [node["$ref"]] if "$ref" in node else \
-        [b["$ref"] for b in node.get("allOf") or [] if isinstance(b, dict) and set(b) == {"$ref"}]
-    if any(r in inlining for r in refs):
-        return None  # inlining it again would not end
-    if "$ref" in node:
-        if not siblings:
-            return None
+    root, inlined = lo.root, []
+
+    def only_ref(b):
+        return isinstance(b, dict) and set(b) == {"$ref"}
+
+    def replace(merged, what):
+        keep = {k: v for k, v in node.items() if k in ANNOTATIONS}
+        node.clear()
+        node.update(keep)
+        node.update(merged)
+        dropped.append(f"{what} at {path} (merged with what stands beside it)")
+
+    # 1. allOf: its branches (a lone local $ref inlined) merged into the node itself
+    if isinstance(node.get("allOf"), list) and (len(node["allOf"]) > 1 or set(node) - ANNOTATIONS - {"allOf"}):
+        refs = [b["$ref"] for b in node["allOf"] if only_ref(b)]
+        parts = [_resolve(root, b["$ref"]) if only_ref(b) else b for b in node["allOf"]]
+        if all(isinstance(p, dict) for p in parts) and not set(refs) & inlining \
+                and lo.spend(*[p for b, p in zip(node["allOf"], parts) if only_ref(b)]):
+            merged = {k: v for k, v in node.items() if k not in ANNOTATIONS and k != "allOf"}
+            for part in parts:
+                merged = _merge_loose(merged, part)
+            replace(merged, "allOf")
+            inlined += refs
+    # 2. a $ref with keywords beside it: its target inlined and merged with them
+    rest = {k: v for k, v in node.items() if k not in ANNOTATIONS and k != "$ref"}
+    if "$ref" in node and rest and node["$ref"] not in inlining:
         target = _resolve(root, node["$ref"])
-        if not isinstance(target, dict) or "$ref" in target or not lo.spend(target):
-            return None
-        parts = [target, siblings]
-    elif isinstance(node.get("allOf"), list) and (siblings or len(node["allOf"]) > 1):
-        parts = [siblings] + [_resolve(root, b["$ref"]) if isinstance(b, dict) and set(b) == {"$ref"} else b
-                              for b in node["allOf"]]
-        if not all(isinstance(p, dict) for p in parts) or not lo.spend(*[p for b, p in zip(node["allOf"], parts[1:])
-                                                                         if isinstance(b, dict) and set(b) == {"$ref"}]):
-            return None
-    else:
-        return None
-    merged = parts[0]
-    for part in parts[1:]:
-        merged = _merge_loose(merged, part)
-    if any(k in merged for k in _COMBINERS) and not (set(merged) & set(_COMBINERS)) <= {"anyOf"}:
-        return None  # still more than one combiner: leave it to the drops below
-    dropped.append(f"{'$ref' if '$ref' in node else 'allOf'} at {path} (merged with what stands beside it)")
-    keep = {k: v for k, v in node.items() if k in ANNOTATIONS}
-    node.clear()
-    node.update(keep)
-    node.update(merged)
-    return "|".join(refs) or None
+        if isinstance(target, dict) and "$ref" not in target and lo.spend(target):
+            inlined.append(node["$ref"])
+            replace(_merge_loose(rest, target), "$ref")
+    # 3. an anyOf with keywords beside it: they go into every branch
+    siblings = {k: v for k, v in node.items() if k not in ANNOTATIONS and k != "anyOf"}
+    if isinstance(node.get("anyOf"), list) and siblings and "allOf" not in node and "$ref" not in node \
+            and lo.spend(siblings, times=len(node["anyOf"]) - 1):
+        node["anyOf"] = [_merge_loose(b, siblings) for b in node["anyOf"]]
+        for k in siblings:
+            del node[k]
+    return "|".join(inlined) or None
 
 
 def _merge_loose(a, b):
