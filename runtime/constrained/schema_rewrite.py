@@ -352,9 +352,13 @@ def _resolve(root, ref):
 def _relax(node, s: Support, path: str, dropped: list[str], lo: _Loosening, inlining: frozenset = frozenset()) -> None:
     if not isinstance(node, dict):
         return
-    inlined = _loosen(node, lo, path, dropped, inlining)
-    if inlined:
-        inlining = inlining | set(inlined.split("|"))
+    for _ in range(4):  # again while it changes something: an inlined target may bring its own oneOf or allOf
+        before = len(dropped)
+        inlined = _loosen(node, lo, path, dropped, inlining)
+        if inlined:
+            inlining = inlining | set(inlined.split("|"))
+        if len(dropped) == before:
+            break
 
     def drop(*keys):
         for k in keys:
