@@ -104,8 +104,8 @@ class JsonGuard:
 
     def step(self, s: LexState, data: bytes) -> LexState:
         in_string, escaped, chars, depth = s.in_string, s.escaped, s.chars, s.depth
-        tail = s.tail
-        for c in data:
+        base, start = s.tail, 0  # the open string's bytes: base, then data[start:]
+        for i, c in enumerate(data):
             if in_string:
                 if escaped:
                     escaped = False
@@ -116,15 +116,13 @@ class JsonGuard:
                 elif c & 0xC0 != 0x80:  # not a UTF-8 continuation byte: a new character
                     chars += 1
             elif c == _QUOTE:
-                in_string, chars, tail = True, 0, b""
-                continue
+                in_string, chars, base, start = True, 0, b"", i + 1
             elif c in _OPEN:
                 depth += 1
             elif c in _CLOSE:
                 depth -= 1
-            if in_string:
-                tail = (tail + bytes([c]))[-TAIL:]
-        return LexState(in_string, escaped, chars, depth, tail if in_string else b"")
+        tail = (base + data[start:])[-TAIL:] if in_string else b""
+        return LexState(in_string, escaped, chars, depth, tail)
 
 
 def _pack(allowed: np.ndarray) -> torch.Tensor:

@@ -327,7 +327,9 @@ def _merge_loose(a, b):
         elif key == "type":
             ta = set(out[key]) if isinstance(out[key], list) else {out[key]}
             tb = set(value) if isinstance(value, list) else {value}
-            both = ta & tb | ({"integer"} if "integer" in ta | tb and "number" in ta | tb else set())
+            both = ta & tb  # an integer is a number: integer and number meet in integer
+            if "integer" in ta and "number" in tb or "number" in ta and "integer" in tb:
+                both.add("integer")
             if both:
                 out[key] = sorted(both) if len(both) > 1 else both.pop()
     return out

@@ -5,6 +5,7 @@ trigger is the envelope's opening) and the parser."""
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
@@ -21,13 +22,12 @@ class ToolFormat:
     head: str  # regex: the envelope's opening as a parser accepts it (spacing is free)
     tail: str  # regex: its closing
     between: str | None = None  # regex: between two call objects in one envelope (Mistral's list)
+    find: str | None = None  # regex: where a parser looks for a call (None: the trigger itself)
 
     @property
     def trigger_re(self) -> regex.Pattern:
         """Where a call may start, as a parser looks for it (spacing free, unlike the grammar's)."""
-        if self.name == "llama3":
-            return _compiled(r'\{\s*"name"\s*:')
-        return _compiled(regex.escape(self.trigger))
+        return _compiled(self.find or regex.escape(self.trigger))
 
     def tag(self, name: str, schema: dict, max_whitespace: int | None = None) -> dict:
         """The structural-tag item for one function: its name is fixed, its arguments follow `schema`."""
@@ -55,18 +55,15 @@ class ToolFormat:
         return _compiled(self.between) if self.between else None
 
 
-_CACHE: dict[str, regex.Pattern] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _compiled(pattern: str) -> regex.Pattern:
-    if pattern not in _CACHE:
-        _CACHE[pattern] = regex.compile(pattern)
-    return _CACHE[pattern]
+    return regex.compile(pattern)
 
 
 HERMES = ToolFormat("hermes", "<tool_call>", "<tool_call>\n", "\n</tool_call>", "arguments",
                     head=r"<tool_call>\s*", tail=r"\s*</tool_call>")
-LLAMA3 = ToolFormat("llama3", '{"name": ', "", "", "parameters", head=r"", tail=r"(\s*;)?")
+LLAMA3 = ToolFormat("llama3", '{"name": ', "", "", "parameters", head=r"", tail=r"(\s*;)?",
+                    find=r'\{\s*"name"\s*:')
 MISTRAL = ToolFormat("mistral", "[TOOL_CALLS]", "[TOOL_CALLS][", "]", "arguments",
                      head=r"\[TOOL_CALLS\]\s*\[\s*", tail=r"\s*\]", between=r"\s*,\s*")
 FORMATS = {f.name: f for f in (HERMES, LLAMA3, MISTRAL)}
