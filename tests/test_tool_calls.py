@@ -245,3 +245,22 @@ def test_openai_tool_errors(client):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="default", messages=ASK, max_tokens=8, **kwargs)
         assert field in e.value.body["message"]
+
+
+@pytest.mark.integration
+def test_tool_requests_leave_the_pool_clean(server, client):
+    """After tool requests end (a stream cut after its first call delta included), every KV slot
+    is free or cached."""
+    import httpx
+
+    from conftest import API_KEY
+    from test_server import wait_pool_clean
+
+    stream = client.chat.completions.create(model="default", messages=ASK, tools=TOOLS, tool_choice="required",
+                                            temperature=0, max_tokens=120, stream=True)
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.tool_calls:
+            break
+    stream.close()
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as http:
+        wait_pool_clean(http)
