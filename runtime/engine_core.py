@@ -15,7 +15,8 @@ from arborlm.runtime.config import EngineArgs
 from arborlm.runtime.constrained.base import GrammarSpec
 from arborlm.runtime.constrained.cache import GrammarCache
 from arborlm.runtime.constrained.factory import make_backend
-from arborlm.runtime.constrained.json_guard import JSON_KINDS, JsonGuard
+from arborlm.runtime.constrained.json_guard import JSON_KINDS, JsonGuard, wants_unique_items
+from arborlm.runtime.constrained.pattern_completion import schema_patterns
 from arborlm.runtime.constrained.jump_forward import JumpForward
 from arborlm.runtime.constrained.vocab import token_bytes
 from arborlm.runtime.model import loader
@@ -92,8 +93,11 @@ class EngineCore:
     def _admit(self, req: Req) -> None:
         if req.grammar_future is not None:
             req.grammar = req.grammar_future.result().matcher()  # raises the compile error
-            if self.json_guard is not None and GrammarSpec.from_params(req.params).kind in JSON_KINDS:
-                req.grammar = self.json_guard.matcher(req.grammar)
+            spec = GrammarSpec.from_params(req.params)
+            if self.json_guard is not None and spec.kind in JSON_KINDS:
+                schema = spec.value if spec.kind == "json_schema" else ""
+                req.grammar = self.json_guard.matcher(req.grammar, schema_patterns(schema) if schema else (),
+                                                      wants_unique_items(schema))
         self.scheduler.add_request(req)
 
     def _admit_compiled(self) -> list[tuple[Req, BaseException]]:

@@ -253,9 +253,10 @@ def test_guard_state_follows_rollback(guard, token_bytes):
     ids = {b: t for t, b in token_bytes.items()}
     for piece in (b"{", b'"', b"ab", b"\\\\", b'"', b"["):  # an escaped backslash inside
         m.accept(ids[piece])
-    assert m.state == LexState(in_string=False, escaped=False, chars=3, depth=2)
+    assert m.state == LexState(in_string=False, escaped=False, chars=3, depth=2, out=b'{"ab\\\\"[',
+                              stack=(None, frozenset()))
     m.rollback(3)
-    assert m.state == LexState(in_string=True, escaped=False, chars=2, depth=1, tail=b"ab")
+    assert m.state == LexState(in_string=True, escaped=False, chars=2, depth=1, tail=b"ab", out=b'{"ab', stack=(None,))
 
 
 def test_guard_sees_a_string_repeat_itself():
@@ -266,6 +267,146 @@ def test_guard_sees_a_string_repeat_itself():
         assert looping(text[-64:]), text
     for text in (b"Hmmmm", b"https://example.com/a/b/c", b"The quick brown fox jumps over", b"1000000", b"a" * 23):
         assert not looping(text), text
+
+
+def _allowed(m) -> set[bytes]:
+    row = torch.zeros(bitmask_words(VOCAB), dtype=torch.int32)
+    m.fill_bitmask(row)
+    return {t for t in np.flatnonzero(np.unpackbits(row.numpy().view(np.uint8), bitorder="little")[:VOCAB])}
+
+
+def _feed(m, token_bytes, pieces):
+    ids = {b: t for t, b in token_bytes.items()}
+    for piece in pieces:
+        assert m.accept(ids[piece]) or piece == b" ", piece  # (outlines writes no space after the colon)
+
+
+def test_guard_completes_a_looping_string_to_its_pattern(backend, token_bytes):
+    """A looping string whose pattern wants more than the fillers can write (an extension) is
+    completed to a match of one of the schema's patterns, then closed."""
+    import re
+
+    from arborlm.runtime.constrained.json_guard import JsonGuard
+
+    if backend.name == "outlines":  # its regex puts the pattern raw between quotes: `.*` takes a quote too
+        pytest.skip("outlines-core lets a quote stand inside a pattern's `.*`: the string can always close")
+    guard = JsonGuard(token_bytes, VOCAB, max_string=0, max_depth=0)
+    pattern = r"^.*\.[dD][bB][cC]$"
+    schema = {"type": "object", "properties": {"file": {"type": "string", "pattern": pattern}}, "required": ["file"]}
+    grammar = backend.compile(GrammarSpec("json_schema", json.dumps(schema)))
+    pieces = [b"{", b'"', b"file", b'"', b":", b" ", b'"'] + [b"v", b"5"] + [b".", b"json"] * 5
+    for patterns, completes in (((r"^x$", pattern), True), ((), False)):
+        m = guard.matcher(grammar.matcher(), patterns)
+        _feed(m, token_bytes, pieces)
+        out = b"".join(pieces)
+        for _ in range(12):
+            allowed = _allowed(m)
+            if len(allowed) != 1:
+                break
+            tok = allowed.pop()
+            assert m.accept(tok)
+            out += token_bytes[tok]
+        if completes:
+            assert out.endswith(b".dbc"), out
+            assert _allowed(m) and all(token_bytes[t].startswith(b'"') for t in _allowed(m))
+            assert re.search(pattern, json.loads(out + b'"}')["file"])
+        else:  # no pattern to go by: the fillers cannot write "dbc", the mask stays the grammar's
+            assert out == b"".join(pieces)
+
+
+def test_pattern_completion():
+    import re
+
+    from arborlm.runtime.constrained.pattern_completion import schema_patterns, shortest_completion
+
+    for pattern, text in ((r"^.*\.[dD][bB][cC]$", "v5.json.json"), (r"^(.+\/)+(.+)@(.+)$", "create-workflow"),
+                          (r"^[A-HY][0-9]{2}[A-HJ-NP-Z]( ?[12]?[0-9]{1,3}[/][0-9]{2,6})?$", "C20"),
+                          (r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?$", "1.0"),
+                          (r"-v\d", "abc"), (r"^@", "@x")):
+        rest = shortest_completion(pattern, text)
+        assert rest is not None and re.search(pattern, text + rest), (pattern, text, rest)
+    assert shortest_completion(r"^@", "x") == "" or shortest_completion(r"^@", "x") is None
+    assert shortest_completion(r"^@", "x") is None  # no completion can put @ first
+    assert shortest_completion(r"(a)\1", "") is None  # a backreference: not readable, no guess
+    schema = {"properties": {"a": {"pattern": "x+"}, "b": {"items": {"pattern": "y"}}},
+              "examples": [{"pattern": "not a schema"}], "enum": [{"pattern": "z"}]}
+    assert schema_patterns(json.dumps(schema)) == ("x+", "y")
+
+
+def test_guard_stops_a_list_of_repeating_items(backend, token_bytes):
+    """["1.0.0", "1.0.0", ...] (or items that differ only in their digits): no next item."""
+    from arborlm.runtime.constrained.json_guard import JsonGuard
+
+    guard = JsonGuard(token_bytes, VOCAB, max_string=0, max_depth=0)
+    schema = {"type": "array", "items": {"type": "string"}}
+    m = guard.matcher(backend.compile(GrammarSpec("json_schema", json.dumps(schema))).matcher())
+    _feed(m, token_bytes, [b"["] + [b'"', b"1", b".", b"0", b".", b"0", b'"', b",", b" "] * 2 + [b'"', b"1"])
+    assert any(b"," in token_bytes.get(t, b"") for t in _allowed(m))  # two items: not yet a loop
+    items = [b'"', b"1", b".", b"0", b".", b"0", b'"', b",", b" "]
+    _feed(m, token_bytes, [b".", b"0", b".", b"0", b'"', b",", b" "] + items * 4 + [b'"', b"7", b".", b"0", b".", b"0"])
+    allowed = {token_bytes.get(t, b"") for t in _allowed(m)}
+    assert b'"' in allowed and b'"]' in allowed and not any(b"," in b for b in allowed)
+
+
+def test_guard_keeps_string_items_unique(backend, token_bytes):
+    """Where the schema asks for unique items, a string item may not end as an earlier one of the
+    same array did (each array keeps its own)."""
+    from arborlm.runtime.constrained.json_guard import JsonGuard, wants_unique_items
+
+    guard = JsonGuard(token_bytes, VOCAB, max_string=0, max_depth=0)
+    schema = {"type": "array", "items": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}
+    assert wants_unique_items(json.dumps(schema)) and not wants_unique_items('{"uniqueItems": false}')
+    grammar = backend.compile(GrammarSpec("json_schema", json.dumps(schema), strict=False))
+    for unique in (True, False):
+        m = guard.matcher(grammar.matcher(), unique_items=unique)
+        _feed(m, token_bytes, [b"[", b"[", b'"', b"w", b'"', b",", b" ", b'"', b"w"])
+        ends = {b for b in map(token_bytes.get, _allowed(m)) if b and b.startswith(b'"')}  # "w" again
+        assert (ends == set()) is unique, ends
+        m = guard.matcher(grammar.matcher(), unique_items=unique)
+        _feed(m, token_bytes, [b"[", b"[", b'"', b"w", b'"', b"]", b",", b" ", b"[", b'"', b"w"])
+        assert any((token_bytes.get(t) or b"").startswith(b'"') for t in _allowed(m))  # another array: free
+    # one character, then the string must end: the character itself may not repeat
+    schema = {"type": "array", "items": {"type": "string", "pattern": "^[A-Z]$"}, "uniqueItems": True}
+    grammar = backend.compile(GrammarSpec("json_schema", json.dumps(schema), strict=False))
+    ids = {b: t for t, b in token_bytes.items()}
+    for unique in (True, False):
+        m = guard.matcher(grammar.matcher(), unique_items=unique)
+        _feed(m, token_bytes, [b"[", b'"', b"C", b'"', b",", b" ", b'"'])
+        allowed = _allowed(m)
+        assert (ids[b"C"] not in allowed) is unique and ids[b"D"] in allowed
+
+
+def test_guard_measures_what_closing_takes(backend, token_bytes):
+    """Twenty-five required properties still to write take more than the fixed reserve: the guard
+    measures a greedy close on the matcher (rolled back after) and starts closing in time."""
+    from arborlm.runtime.constrained.json_guard import JsonGuard
+
+    if backend.name == "outlines":  # its matcher rolls back 8 tokens at most: the fixed reserve only
+        pytest.skip("the closing estimate needs a matcher that rolls back any length (xgrammar's)")
+    guard = JsonGuard(token_bytes, VOCAB, max_string=0, max_depth=0)
+    names = [f"field_{i}" for i in range(25)]
+    schema = {"type": "object", "properties": {n: {"type": "string"} for n in names}, "required": names,
+              "additionalProperties": False}
+    m = guard.matcher(backend.compile(GrammarSpec("json_schema", json.dumps(schema))).matcher())
+    _feed(m, token_bytes, [b"{"])
+    m.set_budget(512, 312)  # 200 left: past the fixed reserve (102 + 8 a level), within twice it
+    assert m.closing() and 100 < m.estimate < 256, m.estimate
+    ids = {b: t for t, b in token_bytes.items()}
+    assert m.state.depth == 1 and m.inner.accept(ids[b'"'])  # the measure was rolled back: still after "{"
+
+
+def test_guard_too_deep_closes_where_it_may(backend, token_bytes):
+    """Past max_depth an object ends at its next key rather than going one level deeper."""
+    from arborlm.runtime.constrained.json_guard import JsonGuard
+
+    guard = JsonGuard(token_bytes, VOCAB, max_string=0, max_depth=3)
+    schema = {"type": "object", "properties": {"b": {"type": "string"}}}
+    for _ in range(4):
+        schema = {"type": "object", "properties": {"a": schema, "b": {"type": "string"}}}
+    m = guard.matcher(backend.compile(GrammarSpec("json_schema", json.dumps(schema))).matcher())
+    _feed(m, token_bytes, [b"{", b'"', b"a", b'"', b":", b" ", b"{", b'"', b"a", b'"', b":", b" ", b"{"])
+    allowed = {token_bytes.get(t, b"") for t in _allowed(m)}
+    assert allowed and all(b"}" in b and b'"' not in b for b in allowed), allowed
 
 
 def test_guard_closing_quote_does_not_start_the_next_item(backend, token_bytes):

@@ -308,9 +308,14 @@ def _loosen(node: dict, lo: "_Loosening", path: str, dropped: list[str], inlinin
     return "|".join(inlined) or None
 
 
+# single subschemas that apply to every item / property: in both, each must meet both
+_MERGE_ONE = ("items", "additionalProperties", "propertyNames", "unevaluatedItems", "unevaluatedProperties")
+
+
 def _merge_loose(a, b):
     """a and b in one schema object: required united, properties united (one in both merged the
-    same way), types intersected, a's value for any other keyword both set."""
+    same way, as are `items`, `additionalProperties` and the other single subschemas both set),
+    types intersected, a's value for any other keyword both set."""
     if not isinstance(a, dict) or not isinstance(b, dict):
         return a
     out = copy.deepcopy(a)
@@ -321,9 +326,11 @@ def _merge_loose(a, b):
             out[key] = copy.deepcopy(value)
         elif key == "required" and isinstance(out[key], list) and isinstance(value, list):
             out[key] = list(dict.fromkeys(out[key] + value))
-        elif key == "properties" and isinstance(out[key], dict) and isinstance(value, dict):
+        elif key in _SUB_MAP and isinstance(out[key], dict) and isinstance(value, dict):
             for name, sub in value.items():  # a property in both must meet both: merged the same way
                 out[key][name] = _merge_loose(out[key][name], sub) if name in out[key] else copy.deepcopy(sub)
+        elif key in _MERGE_ONE and isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _merge_loose(out[key], value)  # items in both: each item meets both
         elif key == "type":
             ta = set(out[key]) if isinstance(out[key], list) else {out[key]}
             tb = set(value) if isinstance(value, list) else {value}

@@ -81,6 +81,11 @@ class XGrammarMatcher:
     def rollback(self, n: int) -> None:
         self.m.rollback(n)
 
+    def can_end(self) -> bool:
+        """The output so far is a complete document (the JSON guard's closing estimate reads it;
+        it also needs rollback of any length, which this matcher has)."""
+        return self.m.is_completed()
+
     def is_terminated(self) -> bool:
         if self.m.is_terminated():
             return True
