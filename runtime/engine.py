@@ -1,8 +1,10 @@
-"""The offline Engine (SGLang's `sgl.Engine` API): model, scheduler and a background loop thread.
+"""The offline Engine (SGLang's `sgl.Engine` API): the EngineCore front plus a loop thread.
 
-Callers submit requests from any thread or asyncio loop; the loop thread owns the scheduler, the
-model runner and the KV pool (all mutation happens there), runs continuous batching, and hands
-results back through per-request sinks.
+Callers submit requests from any thread or asyncio loop: each prompt is tokenized and checked on
+the caller's thread (request_check.py, as the server's tokenizer manager does), then sent as the
+same typed messages the scheduler process reads from ZeroMQ (server/io_struct.py) through a queue
+to the loop thread. That thread owns the EngineCore (scheduler, model runner and KV pool: all
+mutation happens there), runs continuous batching, and hands each request back through its sink.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ import queue
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable
 
+from dataclasses import dataclass
+
 from arborlm.runtime.config import EngineArgs
-from arborlm.runtime.detokenizer import IncrementalDetokenizer
 from arborlm.runtime.constrained.validate import document_check
 from arborlm.runtime.engine_core import EngineCore
 from arborlm.runtime.errors import BadRequestError
+from arborlm.runtime.request_check import check_logprob_options, check_prompt, sample_params
 from arborlm.runtime.sampling.params import SamplingParams
 from arborlm.runtime.scheduler.req import Req
 from arborlm.runtime.scheduler.stop_text import stream_safe_len
+from arborlm.runtime.server import io_struct as io
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +42,7 @@ class Engine:
         self.args = EngineArgs.from_kwargs(model_path, **kwargs)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
+        self._replies: dict[str, Future] = {}
         self._closed = False
         self._init_error: BaseException | None = None
         ready = threading.Event()
@@ -50,10 +57,10 @@ class Engine:
         # Every torch op runs on this one thread, model loading included: a second thread that
         # has run torch ops keeps its own OpenMP team, and on 2 cores the two teams halve speed.
         try:
-            self.core = EngineCore(self.args)
+            self.core = EngineCore(self.args, keep_text=True)
             self.runner, self.tokenizer, self.scheduler = self.core.runner, self.core.tokenizer, self.core.scheduler
             self.eos_ids = self.core.eos_ids
-            self.core.wake = lambda: self._inbox.put(("wake",))  # a grammar finished compiling
+            self.core.wake = lambda: self._inbox.put(_Wake())  # a grammar finished compiling
         except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
             self._init_error = e
             ready.set()
@@ -65,11 +72,13 @@ class Engine:
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
                  top_logprobs_num=0, stream=False, logprob_start_len=-1):
         """Blocking generation. One prompt gives a dict (a list when n > 1); a list gives a list."""
+        args = dict(prompt=prompt, sampling_params=sampling_params, input_ids=input_ids, return_logprob=return_logprob,
+                    top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len)
         if stream:
-            return self._generate_stream_sync(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len)
-        reqs, single = self._make_reqs(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len)
+            return self._generate_stream_sync(args)
+        msgs, single = self._messages(**args)
         done = threading.Event()
-        remaining = [len(reqs)]
+        reqs: dict[str, Req] = {}
         errors: list[BaseException] = []
         lock = threading.Lock()
 
@@ -78,36 +87,38 @@ class Engine:
                 errors.append(error)
             if finished or error is not None:
                 with lock:
-                    remaining[0] -= 1
-                    if remaining[0] == 0:
+                    reqs[req.rid] = req
+                    if len(reqs) == len(msgs):
                         done.set()
 
-        self._submit(reqs, sink)
+        self._submit(msgs, sink)
         done.wait()
         if errors:
             raise errors[0]
-        results = [self._result(r) for r in reqs]
+        results = [self._result(reqs[m.rid]) for m in msgs]
         return results[0] if single else results
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
                              top_logprobs_num=0, stream=False, logprob_start_len=-1):
         """Awaitable generation; with stream=True, an async iterator of incremental chunks."""
+        args = dict(prompt=prompt, sampling_params=sampling_params, input_ids=input_ids, return_logprob=return_logprob,
+                    top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len)
         if stream:
-            return self._stream(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len)
-        reqs, single = self._make_reqs(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len)
+            return self._stream(args)
+        msgs, single = self._messages(**args)
         loop = asyncio.get_running_loop()
-        futs = {r.rid: loop.create_future() for r in reqs}
+        futs = {m.rid: loop.create_future() for m in msgs}
 
         def sink(req, finished, error):
             if finished or error is not None:
                 loop.call_soon_threadsafe(_settle, futs[req.rid], req, error)
 
-        self._submit(reqs, sink)
+        self._submit(msgs, sink)
         try:
-            await asyncio.gather(*futs.values())
+            reqs = await asyncio.gather(*futs.values())
         except asyncio.CancelledError:
-            for r in reqs:
-                self.abort(r.rid)
+            for m in msgs:
+                self.abort(m.rid)
             raise
         results = [self._result(r) for r in reqs]
         return results[0] if single else results
@@ -118,19 +129,18 @@ class Engine:
 
     def flush_cache(self) -> bool:
         """Empty the prefix cache; returns False (and does nothing) while requests are in flight."""
-        done = threading.Event()
-        result = []
-        self._inbox.put(("call", lambda: result.append(self.scheduler.flush_cache()), done))
-        done.wait()
-        return result[0]
+        msg = io.FlushCacheReq(uuid.uuid4().hex)
+        reply = self._replies[msg.reply_id] = Future()
+        self._inbox.put(msg)
+        return reply.result()
 
     def abort(self, rid: str) -> None:
-        self._inbox.put(("abort", rid))
+        self._inbox.put(io.AbortReq(rid))
 
     def shutdown(self) -> None:
         if not self._closed:
             self._closed = True
-            self._inbox.put(("stop", None))
+            self._inbox.put(_Stop())
             self._thread.join(timeout=30)
 
     def __enter__(self):
@@ -140,7 +150,9 @@ class Engine:
         self.shutdown()
 
     # ---- requests --------------------------------------------------------------------------------
-    def _make_reqs(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len):
+    def _messages(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len):
+        """The GenerateReq messages for a call (one per prompt and sample), all checked, and
+        whether the answer is a single dict."""
         if (prompt is None) == (input_ids is None):
             raise BadRequestError("pass exactly one of prompt or input_ids")
         if prompt is not None:
@@ -152,39 +164,26 @@ class Engine:
         else:
             single = bool(input_ids) and isinstance(input_ids[0], int)
             ids_list = [list(input_ids)] if single else [list(x) for x in input_ids]
-            for ids in ids_list:
-                if not all(isinstance(t, int) and 0 <= t < self.runner.vocab_size for t in ids):
-                    raise BadRequestError(f"input_ids: token ids must be ints in [0, {self.runner.vocab_size})")
-        if not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
-            raise BadRequestError(f"top_logprobs_num: must be an int >= 0, got {top_logprobs_num!r}")
-        if isinstance(logprob_start_len, bool) or not isinstance(logprob_start_len, int) or logprob_start_len < -1:
-            raise BadRequestError(f"logprob_start_len: must be an int >= -1, got {logprob_start_len!r}")
+        check_logprob_options(logprob_start_len, top_logprobs_num)
         per_prompt = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(ids_list)
         if len(per_prompt) != len(ids_list):
             raise BadRequestError("sampling_params: a list must have one entry per prompt")
-        reqs = []
+        msgs = []
         for ids, sp in zip(ids_list, per_prompt):
             params = SamplingParams.from_dict(sp)
-            params.check_vocab(self.runner.vocab_size)
-            grammar = self.core.grammar_for(params)
-            for i in range(params.n):
-                seed = None if params.seed is None else params.seed + i
-                req = Req(uuid.uuid4().hex, ids, params, return_logprob=return_logprob,
-                          top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len, seed=seed)
-                req.detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens,
-                                                   params.spaces_between_special_tokens)
-                req.grammar_future = grammar
-                reqs.append(req)
-        if single and reqs[0].params.n > 1:
-            single = False
-        return reqs, single
+            check_prompt(ids, params, self.core.limits, "prompt" if prompt is not None else "input_ids")
+            self.core.grammar_for(params)  # start compiling now; a grammar known to be refused raises
+            for j in range(params.n):
+                msgs.append(io.GenerateReq(uuid.uuid4().hex, ids, params if params.n == 1 else sample_params(params, j),
+                                           return_logprob, logprob_start_len, top_logprobs_num))
+        return msgs, single and len(msgs) == 1
 
-    def _submit(self, reqs: list[Req], sink: Sink) -> None:
+    def _submit(self, msgs: list[io.GenerateReq], sink: Sink) -> None:
         if self._closed:
             raise RuntimeError("the engine is shut down")
-        for r in reqs:  # validate all before queueing any: a bad batch is rejected whole
-            self.scheduler.check(r)
-        self._inbox.put(("add", reqs, sink))
+        for m in msgs:
+            self._sinks[m.rid] = sink
+            self._inbox.put(m)
 
     def _result(self, req: Req) -> dict[str, Any]:
         meta = {
@@ -204,19 +203,19 @@ class Engine:
         return {"text": req.detok.text if req.detok else "", "output_ids": list(req.output_ids), "meta_info": meta}
 
     # ---- streaming ---------------------------------------------------------------------------
-    async def _stream(self, prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len) -> AsyncIterator[dict]:
-        reqs, _ = self._make_reqs(prompt, sampling_params, input_ids, return_logprob, top_logprobs_num, logprob_start_len)
-        if len(reqs) != 1:
+    async def _stream(self, args: dict) -> AsyncIterator[dict]:
+        msgs, _ = self._messages(**args)
+        if len(msgs) != 1:
             raise BadRequestError("stream=True takes one prompt with n = 1")
-        req = reqs[0]
-        req.stream = True
+        msg = msgs[0]
+        msg.stream = True
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self._submit(reqs, lambda r, fin, err: loop.call_soon_threadsafe(q.put_nowait, (fin, err)))
-        sent_text, sent_ids = 0, 0
+        self._submit(msgs, lambda r, fin, err: loop.call_soon_threadsafe(q.put_nowait, (r, fin, err)))
+        sent_text, sent_ids, req = 0, 0, None
         try:
             while True:
-                fin, err = await q.get()
+                req, fin, err = await q.get()
                 if err is not None:
                     raise err
                 text = req.detok.text
@@ -229,15 +228,15 @@ class Engine:
                 if fin:
                     return
         finally:
-            if not req.finished:
-                self.abort(req.rid)
+            if req is None or not req.finished:
+                self.abort(msg.rid)
 
-    def _generate_stream_sync(self, *args):
+    def _generate_stream_sync(self, args: dict):
         """A plain iterator over stream chunks, for callers without an event loop."""
         q: queue.SimpleQueue = queue.SimpleQueue()
 
         async def pump():
-            async for chunk in await self.async_generate(*args[:5], stream=True, logprob_start_len=args[5]):
+            async for chunk in self._stream(args):
                 q.put(chunk)
 
         def run():
@@ -269,33 +268,28 @@ class Engine:
         self.core.shutdown()
 
     def _drain(self, block: bool) -> bool:
-        """Apply queued adds and aborts; return False on stop."""
+        """Apply the queued messages; return False on stop."""
         try:
-            item = self._inbox.get(block=block)
+            msg = self._inbox.get(block=block)
         except queue.Empty:
             return True
         while True:
-            kind = item[0]
-            if kind == "stop":
+            if isinstance(msg, _Stop):
                 return False
-            if kind == "add":
-                for req in item[1]:
-                    self._sinks[req.rid] = item[2]
-                    try:
-                        self.core.add_request(req)
-                    except Exception as e:  # noqa: BLE001
-                        self._emit(req, True, e)
-            elif kind == "wake":  # the next step admits the compiled requests
-                pass
-            elif kind == "call":  # run a function on the loop thread, which owns the scheduler
-                item[1]()
-                item[2].set()
-            elif kind == "abort":
-                req = self.core.abort(item[1])
+            if isinstance(msg, io.GenerateReq):
+                try:
+                    self.core.submit(msg)
+                except Exception as e:  # noqa: BLE001 - the request's own fault (a refused grammar)
+                    self._emit(Req(msg.rid, msg.input_ids, msg.params), True, e)
+            elif isinstance(msg, io.AbortReq):
+                req = self.core.abort(msg.rid)
                 if req is not None:
                     self._emit(req, True, None)
+            elif isinstance(msg, io.FlushCacheReq):
+                self._replies.pop(msg.reply_id).set_result(self.core.flush_cache())
+            # a _Wake only ends the wait: the next step admits the requests whose grammar compiled
             try:
-                item = self._inbox.get_nowait()
+                msg = self._inbox.get_nowait()
             except queue.Empty:
                 return True
 
@@ -308,6 +302,16 @@ class Engine:
                 if not req.finished:
                     self.core.abort(req.rid)
                 self._sinks.pop(req.rid, None)
+
+
+@dataclass
+class _Wake:
+    """Queued by the grammar compile thread: a constrained request can be admitted."""
+
+
+@dataclass
+class _Stop:
+    """Queued by shutdown()."""
 
 
 def _settle(fut: asyncio.Future, req: Req, error: BaseException | None) -> None:

@@ -1,7 +1,10 @@
 """The model side of serving, one step at a time: model runner, sampler, radix cache and scheduler.
 
-The in-process Engine drives it from its loop thread; the server's scheduler process drives it
-from its own main thread. Either way every torch op runs on one thread.
+The one way in for both fronts: the in-process Engine (from its loop thread) and the server's
+scheduler process (from its main thread, fed over ZeroMQ) hand it the same typed messages
+(server/io_struct.py): `submit(GenerateReq)` builds the request, `abort(rid)`, `flush_cache()`,
+`stats()`; `step()` runs one batch. Either way every torch op runs on one thread. The fronts check
+a request before sending it (request_check.py), so a bad one never reaches the queue.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ from arborlm.runtime.constrained.json_guard import JSON_KINDS, JsonGuard, wants_
 from arborlm.runtime.constrained.pattern_completion import schema_patterns
 from arborlm.runtime.constrained.jump_forward import JumpForward
 from arborlm.runtime.constrained.vocab import token_bytes
+from arborlm.runtime.detokenizer import IncrementalDetokenizer
 from arborlm.runtime.model import loader
 from arborlm.runtime.model_runner import ModelRunner
+from arborlm.runtime.request_check import Limits
 from arborlm.runtime.scheduler.req import Req
+from arborlm.runtime.scheduler.stop_text import has_text_stops
+from arborlm.runtime.server import io_struct as io
 from arborlm.runtime.scheduler.scheduler import Scheduler, SchedulerConfig, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -44,8 +51,11 @@ def eos_token_ids(config, tokenizer, model_dir: str) -> set[int]:
 
 
 class EngineCore:
-    def __init__(self, args: EngineArgs):
-        self.args = args
+    def __init__(self, args: EngineArgs, keep_text: bool = False):
+        """keep_text: detokenize every request here (the Engine returns text itself); the
+        scheduler process only does so for requests whose stops or grammar read the text, and
+        leaves the rest to the detokenizer process."""
+        self.args, self.keep_text = args, keep_text
         self.runner = ModelRunner(args)
         self.tokenizer = loader.load_tokenizer(self.runner.files.tokenizer_dir)
         self.eos_ids = eos_token_ids(self.runner.config, self.tokenizer, self.runner.files.model_dir)
@@ -66,8 +76,25 @@ class EngineCore:
         ))
         self.compiling: dict[str, Req] = {}  # constrained requests whose grammar is still compiling
         self.wake: Callable[[], None] | None = None  # called from the compile thread when one is ready
+        self.limits = Limits(self.runner.vocab_size, self.runner.context_length, self.runner.kv_pool.size)
 
     # ---- requests ------------------------------------------------------------------------------
+    def submit(self, msg: io.GenerateReq) -> Req:
+        """Build the request a message asks for and queue it (BadRequestError: a grammar known to
+        be refused, or a request that cannot fit)."""
+        p = msg.params
+        req = Req(msg.rid, msg.input_ids, p, return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
+                  logprob_start_len=msg.logprob_start_len, seed=p.seed, stream=msg.stream)
+        if self.keep_text or has_text_stops(p) or p.constrained:  # text stops and jump-forward read the text
+            req.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, p.spaces_between_special_tokens)
+        req.grammar_future = self.grammar_for(p)
+        self.add_request(req)
+        return req
+
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache; False (and nothing done) while requests are in flight."""
+        return self.scheduler.flush_cache()
+
     def grammar_for(self, params) -> Future | None:
         """Start (or find in the cache) the compile of a request's grammar; any thread may call
         this. A spec already known to be refused raises its GrammarError at once."""

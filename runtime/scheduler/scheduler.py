@@ -6,7 +6,8 @@ prefills, and newly admitted requests (their uncached suffix), within the prefil
 Admission matches the request's prefix in the radix tree and estimates its future decode needs
 (SGLang's new-token ratio). When a decode step cannot get its slots, the tree evicts LRU leaves;
 if that is not enough, running requests are retracted to the waiting queue (least progress
-first), keeping their generated tokens for a later re-prefill.
+first), keeping their generated tokens for a later re-prefill. What a sampled token does to its
+request (stops, grammar, jump-forward) is output_processor.py's; here finished requests are freed.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import torch
 
 from arborlm.runtime.cache.memory_pool import ReqToTokenPool, TokenToKVPool
 from arborlm.runtime.cache.radix_cache import RadixCache
-from arborlm.runtime.errors import BadRequestError
+from arborlm.runtime.request_check import check_fits
 from arborlm.runtime.scheduler.policy import order_waiting
 from arborlm.runtime.scheduler.req import Req, Status
-from arborlm.runtime.scheduler.stop_text import find_stop, has_text_stops
+from arborlm.runtime.scheduler.output_processor import OutputProcessor
 
 IN_BATCH_PREFIX_MIN = 32  # shared uncached tokens that make a request wait for a sibling's prefill
 
@@ -34,6 +35,11 @@ class ScheduleBatch:
     extend_lens: list[int]  # tokens fed this step, per request
     prefix_lens: list[int]  # KV already in the pool, per request
     num_decode: int
+
+    def add(self, req: Req, prefix_len: int, extend_len: int) -> None:
+        self.reqs.append(req)
+        self.prefix_lens.append(prefix_len)
+        self.extend_lens.append(extend_len)
 
     @property
     def samples(self) -> list[bool]:
@@ -83,27 +89,16 @@ class Scheduler:
         self.cfg = cfg
         self.context_length = cfg.context_length
         self.max_running = min(cfg.max_running_requests, req_pool.max_requests)
-        self.eos_ids = cfg.eos_ids
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.new_token_ratio = cfg.init_new_token_ratio
         self.stats = SchedulerStats()
+        self.outputs = OutputProcessor(cfg)  # stops, grammar, jump-forward
 
     # ---- admission -------------------------------------------------------------------------
     def check(self, req: Req) -> None:
         """Reject what can never run; reads only fixed limits, so any thread may call it."""
-        n = len(req.prompt_ids)
-        if n == 0:
-            raise BadRequestError("the prompt is empty")
-        if n + req.params.max_new_tokens > self.context_length:
-            raise BadRequestError(
-                f"prompt ({n} tokens) + max_new_tokens ({req.params.max_new_tokens}) exceeds the "
-                f"context length ({self.context_length})"
-            )
-        if req.max_kv > self.kv_pool.size:
-            raise BadRequestError(
-                f"prompt + max_new_tokens needs {req.max_kv} KV slots; the pool holds {self.kv_pool.size}"
-            )
+        check_fits(len(req.prompt_ids), req.params.max_new_tokens, self.context_length, self.kv_pool.size)
 
     def add_request(self, req: Req) -> None:
         self.check(req)
@@ -160,30 +155,29 @@ class Scheduler:
         if decodes:
             self.new_token_ratio = max(self.cfg.min_new_token_ratio,
                                        self.new_token_ratio - self.cfg.new_token_ratio_decay)
-        for req in decodes:
+        for req in decodes:  # their slots first: made room for above
             self._alloc(req, 1)
-        reqs, ext, pre = [], [], []
+        batch = ScheduleBatch([], [], [], num_decode=len(decodes))
         budget = self.cfg.chunked_prefill_size
         for req in self.running:  # unfinished chunked prefills go on first
             if req.pending_len > 1 and budget > 0:
                 n = min(req.pending_len, budget)
                 if not self._make_room(n):
                     break
-                pre.append(req.kv_len)
-                self._alloc(req, n)
-                reqs.append(req)
-                ext.append(n)
+                self._extend(batch, req, n)
                 budget -= n
         if self.waiting and budget > 0:
-            self._admit(budget, reqs, ext, pre)
-        reqs += decodes
-        ext += [1] * len(decodes)
-        pre += [r.kv_len - 1 for r in decodes]
-        if not reqs:
-            return None
-        return ScheduleBatch(reqs, ext, pre, num_decode=len(decodes))
+            self._admit(budget, batch)
+        for req in decodes:
+            batch.add(req, req.kv_len - 1, 1)
+        return batch if batch.reqs else None
 
-    def _admit(self, budget: int, reqs, ext, pre) -> None:
+    def _extend(self, batch: ScheduleBatch, req: Req, n: int) -> None:
+        """Put n more of req's tokens into the batch, with KV slots for them."""
+        batch.add(req, req.kv_len, n)
+        self._alloc(req, n)
+
+    def _admit(self, budget: int, batch: ScheduleBatch) -> None:
         ordered = order_waiting(self.cfg.schedule_policy, list(self.waiting), self.tree)
         future = sum(self._future_need(r) for r in self.running)
         # Prefixes being prefilled in this very step: a request that would compute the same tokens
@@ -221,10 +215,7 @@ class Scheduler:
                 self.stats.cached_tokens += len(slots)
             self.running.append(req)
             future += self._future_need(req)
-            pre.append(req.kv_len)
-            self._alloc(req, n)
-            reqs.append(req)
-            ext.append(n)
+            self._extend(batch, req, n)
             budget -= n
 
     def _future_need(self, req: Req) -> int:
@@ -280,54 +271,12 @@ class Scheduler:
         return outs
 
     def _append_token(self, req: Req, tok: int, logprobs, top_logprobs, i) -> StepOutput:
-        p = req.params
-        req.output_ids.append(tok)
-        grammar_ok = req.grammar is None or req.grammar.accept(tok)
         if logprobs is not None and logprobs[i] is not None:
             req.output_logprobs.append((logprobs[i], tok))
             req.output_top_logprobs.append(top_logprobs[i] or [])
-        may_stop = len(req.output_ids) >= p.min_new_tokens
-        matched_token = may_stop and (tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids))
-        if req.detok is not None and (not matched_token or p.no_stop_trim):
-            req.detok.add([tok])
-        if matched_token:
-            req.finish({"type": "stop", "matched": tok})
-        elif may_stop and req.detok is not None and has_text_stops(p) and self._match_stop_text(req):
-            pass
-        elif len(req.output_ids) >= p.max_new_tokens:
-            req.finish({"type": "length", "length": p.max_new_tokens})
-        if not req.finished and req.grammar is not None:
-            self._grammar_step(req, grammar_ok)
-        if req.finished:
-            if req.detok is not None and req.finish_reason["type"] == "length":
-                req.detok.flush()
+        if self.outputs.process(req, [tok]):
             self._release(req)
         return StepOutput(req, [tok], req.finished)
-
-    def _grammar_step(self, req: Req, accepted: bool) -> None:
-        """Finish a constrained request once its grammar is complete, else try a jump-forward."""
-        if not accepted:  # only when other masks left the grammar no token (e.g. min_new_tokens vs EOS)
-            req.finish({"type": "abort", "message": "the sampled token violates the grammar"})
-        elif req.grammar.is_terminated():
-            req.finish({"type": "stop", "matched": None})
-        elif self.cfg.jump_forward is not None and self.cfg.jump_forward(req):
-            if has_text_stops(req.params) and self._match_stop_text(req):
-                return
-            if req.grammar.is_terminated():
-                req.finish({"type": "stop", "matched": None})
-            elif len(req.output_ids) >= req.params.max_new_tokens:
-                req.finish({"type": "length", "length": req.params.max_new_tokens})
-
-    def _match_stop_text(self, req: Req) -> bool:
-        """Finish at the first stop string / regex match in the text, trimming it off unless no_stop_trim."""
-        hit = find_stop(req.detok.text, req.params, req.detok.last_delta_len)
-        if hit is None:
-            return False
-        pos, matched = hit
-        if not req.params.no_stop_trim:
-            req.detok.text = req.detok.text[:pos]
-        req.finish({"type": "stop", "matched": matched})
-        return True
 
     def _share(self, req: Req) -> None:
         """Put a running request's prefilled KV into the tree so others can match it now."""

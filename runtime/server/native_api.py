@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from arborlm.runtime.constrained.validate import document_check
 from arborlm.runtime.errors import BadRequestError
+from arborlm.runtime.request_check import check_logprob_options, sample_params
 from arborlm.runtime.sampling.params import SamplingParams
 from arborlm.runtime.server.tokenizer_manager import ReqState, TokenizerManager
 
@@ -145,21 +146,12 @@ def expand(req: GenerateRequest, tm: TokenizerManager) -> tuple[list[SubRequest]
     for i, ids in enumerate(ids_list):
         params = SamplingParams.from_dict(sps[i])
         tm.check_ids(ids, params, "text" if req.text is not None else "input_ids")
-        if not isinstance(starts[i], int) or starts[i] < -1:
-            raise BadRequestError(f"logprob_start_len: must be >= -1, got {starts[i]!r}")
-        if not isinstance(tops[i], int) or tops[i] < 0:
-            raise BadRequestError(f"top_logprobs_num: must be >= 0, got {tops[i]!r}")
+        check_logprob_options(starts[i], tops[i])
         for j in range(params.n):
-            p = params if params.n == 1 else _copy_for_sample(params, j)
+            p = params if params.n == 1 else sample_params(params, j)
             rid = rids[i] if params.n == 1 or rids[i] is None else f"{rids[i]}-{j}"
             subs.append(SubRequest(len(subs), ids, p, lps[i], starts[i], tops[i], rid))
     return subs, single and len(subs) == 1
-
-
-def _copy_for_sample(params: SamplingParams, j: int) -> SamplingParams:
-    import dataclasses
-
-    return dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + j)
 
 
 def logprob_entries(tm: TokenizerManager, pairs, with_text: bool) -> list:

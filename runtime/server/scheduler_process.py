@@ -11,11 +11,10 @@ from collections import deque
 import zmq
 
 from arborlm.runtime.config import EngineArgs
-from arborlm.runtime.detokenizer import IncrementalDetokenizer
 from arborlm.runtime.engine_core import EngineCore
 from arborlm.runtime.errors import BadRequestError
 from arborlm.runtime.scheduler.req import Req
-from arborlm.runtime.scheduler.stop_text import has_text_stops, stream_safe_len
+from arborlm.runtime.scheduler.stop_text import stream_safe_len
 from arborlm.runtime.server import io_struct as io
 from arborlm.runtime.server.procutil import Endpoints, init_child, parent_alive
 
@@ -68,25 +67,18 @@ class SchedulerProcess:
 
     def handle(self, msg) -> None:
         if isinstance(msg, io.GenerateReq):
-            req = Req(msg.rid, msg.input_ids, msg.params, return_logprob=msg.return_logprob,
-                      top_logprobs_num=msg.top_logprobs_num, logprob_start_len=msg.logprob_start_len,
-                      seed=msg.params.seed, stream=msg.stream)
-            if has_text_stops(msg.params) or msg.params.constrained:  # text stops and jump-forward read this text
-                req.detok = IncrementalDetokenizer(self.core.tokenizer, msg.params.skip_special_tokens,
-                                                   msg.params.spaces_between_special_tokens)
             try:
-                req.grammar_future = self.core.grammar_for(msg.params)
-                self.core.add_request(req)
+                self.core.submit(msg)
             except BadRequestError as e:
                 self.send.send_pyobj(io.BatchTokenOut([self.error_out(msg.rid, str(e), 400)]))
                 return
-            self.sent[req.rid] = [0, 0, 0]
+            self.sent[msg.rid] = [0, 0, 0]
         elif isinstance(msg, io.AbortReq):
             req = self.core.abort(msg.rid)
             if req is not None:
                 self.send.send_pyobj(io.BatchTokenOut([self.token_out(req)]))
         elif isinstance(msg, io.FlushCacheReq):
-            self.send.send_pyobj(io.Reply(msg.reply_id, self.sched.flush_cache()))
+            self.send.send_pyobj(io.Reply(msg.reply_id, self.core.flush_cache()))
         elif isinstance(msg, io.StatsReq):
             self.send.send_pyobj(io.Reply(msg.reply_id, self.stats()))
         else:

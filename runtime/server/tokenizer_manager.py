@@ -14,6 +14,7 @@ import zmq
 import zmq.asyncio
 
 from arborlm.runtime.errors import BadRequestError
+from arborlm.runtime.request_check import Limits, check_prompt
 from arborlm.runtime.model import loader
 from arborlm.runtime.sampling.params import SamplingParams
 from arborlm.runtime.server import io_struct as io
@@ -59,6 +60,7 @@ class TokenizerManager:
         self.info = info
         self.tokenizer = loader.load_tokenizer(info.tokenizer_dir)
         self.context_length = info.context_length
+        self.limits = Limits(info.vocab_size, info.context_length, info.pool_size)
         self.metrics = Metrics()
         self.states: dict[str, ReqState] = {}
         self.replies: dict[str, asyncio.Future] = {}
@@ -87,19 +89,7 @@ class TokenizerManager:
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     def check_ids(self, ids: list[int], params: SamplingParams, field_name: str = "input_ids") -> None:
-        if not ids:
-            raise BadRequestError(f"{field_name}: the prompt is empty")
-        vocab = self.info.vocab_size
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-            raise BadRequestError(f"{field_name}: token ids must be ints in [0, {vocab})")
-        params.check_vocab(vocab)
-        n = len(ids)
-        if n + params.max_new_tokens > self.context_length:
-            raise BadRequestError(
-                f"{field_name}: prompt ({n} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                f"context length ({self.context_length})")
-        if n + max(params.max_new_tokens - 1, 0) > self.info.pool_size:
-            raise BadRequestError(f"{field_name}: prompt + max_new_tokens exceeds the KV pool ({self.info.pool_size} tokens)")
+        check_prompt(ids, params, self.limits, field_name)
 
     # ---- requests ----------------------------------------------------------------------------
     async def generate(self, ids: list[int], params: SamplingParams, return_logprob: bool = False,
