@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in ("serve",):
         print("usage: arborlm serve [--model-path PATH] [--host 127.0.0.1] [--port 30000] [...]", file=sys.stderr)
         sys.exit(2)
-    from arborlm.runtime.server.http_server import main as serve
+    from arborlm.runtime.server.launch import main as serve
 
     serve(argv[1:])
 

@@ -3,22 +3,27 @@
 Requests become the same SamplingParams as /generate; unknown extra fields are ignored, as the
 OpenAI API does, while fields we cannot honour (suffix, best_of != n) get a 400. Tool calling
 (tools, tool_choice, parallel_tool_calls) is in arborlm.runtime.tool_calls: a structural tag
-enforces the calls, and the reply's text is parsed back into `tool_calls`.
+enforces the calls, and the reply's text is parsed back into `tool_calls`. Both generation routes
+stream through one generator, `stream_chunks`; a ChunkFormat holds what differs between them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from arborlm.runtime.constrained.validate import document_check
 from arborlm.runtime.errors import BadRequestError
+from arborlm.runtime.request_check import sample_params
 from arborlm.runtime.sampling.params import SamplingParams
-from arborlm.runtime.server.native_api import SubRequest, _copy_for_sample
+from arborlm.runtime.server.native_api import SubRequest, stream_all
 from arborlm.runtime.server.tokenizer_manager import ReqState, TokenizerManager
 from arborlm.runtime.tool_calls import ToolCallStream, ToolContext, ToolFormat, scan
 from arborlm.runtime.tool_calls.request import prompt_messages, template_takes_tools
@@ -126,7 +131,7 @@ def finish_reason(st: ReqState) -> str | None:
 
 def _samples(ids: list[int], params: SamplingParams, first_index: int, want_logprobs: bool, top: int,
              logprob_start_len: int = -1) -> list[SubRequest]:
-    return [SubRequest(first_index + j, ids, params if params.n == 1 else _copy_for_sample(params, j),
+    return [SubRequest(first_index + j, ids, params if params.n == 1 else sample_params(params, j),
                        want_logprobs, logprob_start_len, top, None) for j in range(params.n)]
 
 
@@ -194,9 +199,19 @@ def completion_response(req: CompletionRequest, tm, subs, states, rid, created, 
             "choices": choices, "usage": usage(states, firsts)}
 
 
-def completion_chunk(rid, created, model, index, text, reason=None, extra: dict | None = None) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason, **(extra or {})}]}
+def _echo_opening(req: CompletionRequest, tm: TokenizerManager, sub: SubRequest) -> dict | None:
+    """With echo, a stream starts with each choice's prompt."""
+    if not req.echo:
+        return None
+    return {"index": sub.index, "text": tm.tokenizer.decode(sub.ids), "logprobs": None, "finish_reason": None}
+
+
+def _completion_choice(req: CompletionRequest, tm, sub: SubRequest, st: ReqState, sent: _Sent) -> dict | None:
+    delta, reason = st.text[sent.text:], finish_reason(st) if st.finished else None
+    if not (delta or reason):
+        return None
+    return {"index": sub.index, "text": delta, "logprobs": None, "finish_reason": reason,
+            **document_check(sub.params, st.text, st.finished)}
 
 
 # ---- chat ----------------------------------------------------------------------------------------
@@ -311,21 +326,38 @@ def tool_check(ctx: ToolContext, calls) -> dict:
     return ctx.check(calls)
 
 
-def chat_stream_delta(req: ChatCompletionRequest, tools: dict, sub, st: ReqState, n_text: int) -> tuple[dict, str | None]:
-    """The next delta of one streamed choice, and its finish reason once it ends; `tools` keeps
-    each choice's ToolCallStream."""
+def _role_opening(req: ChatCompletionRequest, tm, sub: SubRequest) -> dict:
+    """A chat stream starts each choice with the assistant's role, as OpenAI's."""
+    return {"index": sub.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+def _chat_choice(req: ChatCompletionRequest, tm: TokenizerManager, sub: SubRequest, st: ReqState,
+                 sent: _Sent) -> dict | None:
+    delta, reason = _chat_delta(req, sub, st, sent)
+    lps = None
+    if req.logprobs and len(st.output_logprobs) > sent.logprobs:
+        lps = chat_logprobs(tm, st.output_logprobs[sent.logprobs:], st.output_top_logprobs[sent.logprobs:])
+    if not (delta or reason or lps):
+        return None
+    return {"index": sub.index, "delta": delta, "logprobs": lps, "finish_reason": reason, **_final_check(req, sub, st)}
+
+
+def _chat_delta(req: ChatCompletionRequest, sub, st: ReqState, sent: _Sent) -> tuple[dict, str | None]:
+    """The next delta of one streamed choice, and its finish reason once it ends; with tools, the
+    choice's ToolCallStream turns the text into content and tool-call deltas."""
     reason = finish_reason(st) if st.finished else None
     if req._tools is None:
-        delta = st.text[n_text:]
+        delta = st.text[sent.text:]
         return ({"content": delta} if delta else {}), reason
-    stream = tools.setdefault(sub.index, ToolCallStream(req._tools.fmt))
-    delta = stream.feed(st.text, st.finished)
-    if stream.called and reason is not None:
+    if sent.tools is None:
+        sent.tools = ToolCallStream(req._tools.fmt)
+    delta = sent.tools.feed(st.text, st.finished)
+    if sent.tools.called and reason is not None:
         reason = tool_finish_reason(reason)
     return delta, reason
 
 
-def final_check(req: ChatCompletionRequest, sub, st: ReqState) -> dict:
+def _final_check(req: ChatCompletionRequest, sub, st: ReqState) -> dict:
     """What the last chunk of a streamed choice says of its validity (nothing before it ends)."""
     if not st.finished:
         return {}
@@ -334,11 +366,59 @@ def final_check(req: ChatCompletionRequest, sub, st: ReqState) -> dict:
     return document_check(sub.params, st.text, st.finished)
 
 
-def chat_chunk(rid, created, model, index, delta: dict, reason=None, logprobs=None, extra: dict | None = None) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
-                         **(extra or {})}]}
-
-
 def new_id(prefix: str) -> tuple[str, int]:
     return f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+
+
+# ---- running -------------------------------------------------------------------------------------
+async def final_states(tm: TokenizerManager, subs: list[SubRequest]) -> list[ReqState]:
+    return list(await asyncio.gather(*(tm.generate_final(s.ids, s.params, s.return_logprob, s.logprob_start_len,
+                                                         s.top_logprobs_num) for s in subs)))
+
+
+@dataclass
+class _Sent:
+    """How much of one choice a stream has sent."""
+
+    text: int = 0
+    logprobs: int = 0
+    tools: ToolCallStream | None = None  # a chat reply with tools: parses the calls out of the text
+
+
+@dataclass(frozen=True)
+class ChunkFormat:
+    """What differs between the streams of the two routes: the chunks' object, a choice's opening
+    chunk (if any), and its next chunk after an update (None when the update says nothing new)."""
+
+    object: str
+    opening: Callable[[Any, TokenizerManager, SubRequest], dict | None]
+    choice: Callable[[Any, TokenizerManager, SubRequest, ReqState, _Sent], dict | None]
+
+
+COMPLETION_CHUNKS = ChunkFormat("text_completion", _echo_opening, _completion_choice)
+CHAT_CHUNKS = ChunkFormat("chat.completion.chunk", _role_opening, _chat_choice)
+
+
+async def stream_chunks(fmt: ChunkFormat, req: _Common, tm: TokenizerManager, subs: list[SubRequest], rid: str,
+                        created: int, model: str) -> AsyncIterator[dict]:
+    """The chunks of a streamed reply: each choice's opening, one chunk per update that says
+    something new, then the usage when stream_options asks for it."""
+    head = {"id": rid, "object": fmt.object, "created": created, "model": model}
+    for sub in subs:
+        opening = fmt.opening(req, tm, sub)
+        if opening is not None:
+            yield {**head, "choices": [opening]}
+    sent: dict[int, _Sent] = {}
+    finals: dict[int, ReqState] = {}
+    async for sub, st in stream_all(subs, tm):
+        progress = sent.setdefault(sub.index, _Sent())
+        choice = fmt.choice(req, tm, sub, st, progress)
+        progress.text, progress.logprobs = len(st.text), len(st.output_logprobs)
+        if choice is not None:
+            yield {**head, "choices": [choice]}
+        if st.finished:
+            finals[sub.index] = st
+    if req.stream_options and req.stream_options.include_usage:
+        states = [finals[s.index] for s in subs]
+        firsts = [finals[s.index] for s in subs if s.index % req.n == 0]  # one per prompt
+        yield {**head, "choices": [], "usage": usage(states, firsts)}
