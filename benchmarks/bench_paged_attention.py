@@ -53,7 +53,7 @@ def make_case(batch: int, ctx: int, shared: int, dtype, layers: int, seed: int =
         rows.append(r)
         lens.append(shared + n)
     rows_t, lens_t = torch.tensor(rows), torch.tensor(lens)
-    # The torch backend's inputs, built as ModelRunner.forward_batch does.
+    # The torch backend's inputs, built as ModelRunner.prepare_inputs does.
     own_t = lens_t - shared
     L = int(own_t.max())
     slots = reqs.table[rows_t, shared : shared + L]

@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import sys
 import time
 
 import httpx
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from conftest import LiveServer  # noqa: E402 - the tests' server launcher
-
-import arborlm.lang as sgl  # noqa: E402
+import arborlm.lang as sgl
 
 SHOTS = [(f"Review {i}: the product was {'great' if i % 2 else 'awful'} and I "
           f"{'would' if i % 2 else 'would not'} buy it again because of reason number {i}.",
@@ -97,18 +92,16 @@ def main():
     args = ap.parse_args()
     questions = [tot_question(i) for i in range(args.programs)]
     results = {}
-    for name, extra in (("arborlm", []), ("no-cache", ["--disable-radix-cache"])):
-        srv = LiveServer("--dtype", args.dtype, *extra, log_path=f"/tmp/bench_programs_{name}.log").wait_healthy()
+    for name, extra in (("arborlm", {}), ("no-cache", {"disable_radix_cache": True})):
+        srv = sgl.Runtime(dtype=args.dtype, **extra)  # an `arborlm serve` subprocess, and its endpoint
         try:
             if name == "arborlm":
-                backend = sgl.RuntimeEndpoint(srv.url)
-
                 def fewshot():
                     requests = [{"review": r} for r in reviews(args.items)]
-                    classify.run_batch(requests, backend=backend, progress_bar=False, **GREEDY)
+                    classify.run_batch(requests, backend=srv, progress_bar=False, **GREEDY)
 
                 def tot():
-                    tree.run_batch([{"question": q} for q in questions], backend=backend, progress_bar=False, **GREEDY)
+                    tree.run_batch([{"question": q} for q in questions], backend=srv, progress_bar=False, **GREEDY)
             else:
                 def fewshot():
                     asyncio.run(baseline_fewshot(srv.url, args.items))
@@ -122,7 +115,7 @@ def main():
                     times.append(timed(fn))
                 results[(task, name)] = n / statistics.median(times)
         finally:
-            srv.stop()
+            srv.shutdown()
     print(f"\n| workload | arborlm DSL (programs/s) | independent requests, no cache (programs/s) | ratio |")
     print("| --- | ---: | ---: | ---: |")
     for task, label in (("fewshot", f"(a) few-shot classification, {args.items} items"),

@@ -5,7 +5,7 @@
       every token is a masked decode step; output tokens / wall time; target >= 0.9x free)
   (b) end-to-end latency of schema-heavy outputs (long keys, enums, consts), jump-forward on vs
       off, batch 1, greedy (target >= 1.3x faster)
-  (c) compile time p50 / p99 over the corpus (tests/structured_corpus.py), no cache
+  (c) compile time p50 / p99 over the corpus (arborlm.runtime.constrained.corpus), no cache
   (d) share of the corpus compiled, and share whose greedy output validates (one mixed batch,
       max_new_tokens 2048: room for the JSON guard's default 512-character string bound)
 
@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from structured_corpus import REGEXES, SCHEMAS  # noqa: E402
+from arborlm.runtime.constrained.corpus import REGEXES, SCHEMAS
 
 ROWS = {"type": "array", "minItems": 40, "maxItems": 40,
         "items": {"type": "object", "required": ["id", "ok"],

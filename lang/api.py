@@ -108,14 +108,15 @@ def gen(name: str | None = None, max_tokens: int | None = None, min_tokens: int 
     tool_ctx = _tools(name, tools, tool_choice, parallel_tool_calls, tool_format)
     if tool_ctx is not None and (regex is not None or schema is not None):
         raise ValueError(f"gen {name!r}: tools cannot be combined with regex, json_schema or dtype")
-    params = ir.SamplingParams(max_new_tokens=max_tokens, min_new_tokens=min_tokens, stop=stop,
-                               stop_token_ids=stop_token_ids, stop_regex=stop_regex, n=n, temperature=temperature,
-                               top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=frequency_penalty,
-                               presence_penalty=presence_penalty, ignore_eos=ignore_eos, regex=regex,
-                               json_schema=schema, return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-                               top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
-                               structural_tag=json.dumps(tool_ctx.structural_tag()) if tool_ctx else None,
-                               json_schema_strict=tool_ctx.strict if tool_ctx else None)
+    params = ir.SglSamplingParams(max_new_tokens=max_tokens, min_new_tokens=min_tokens, stop=stop,
+                                  stop_token_ids=stop_token_ids, stop_regex=stop_regex, n=n, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, min_p=min_p, frequency_penalty=frequency_penalty,
+                                  presence_penalty=presence_penalty, ignore_eos=ignore_eos, regex=regex,
+                                  json_schema=schema, return_logprob=return_logprob,
+                                  logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
+                                  return_text_in_logprobs=return_text_in_logprobs,
+                                  structural_tag=json.dumps(tool_ctx.structural_tag()) if tool_ctx else None,
+                                  json_schema_strict=tool_ctx.strict if tool_ctx else None)
     return ir.Gen(name, params, dtype, model, tool_ctx)
 
 

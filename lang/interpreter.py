@@ -58,7 +58,7 @@ _END = object()
 
 
 class Executor:
-    def __init__(self, backend: Backend, defaults: ir.SamplingParams, stream: bool = False,
+    def __init__(self, backend: Backend, defaults: ir.SglSamplingParams, stream: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None):
         self.backend, self.defaults, self.stream = backend, defaults, stream
         self.loop = loop or asyncio.get_running_loop()

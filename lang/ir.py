@@ -19,8 +19,9 @@ DTYPE_REGEX = {int: REGEX_INT, "int": REGEX_INT, float: REGEX_FLOAT, "float": RE
 
 
 @dataclass
-class SamplingParams:
-    """The DSL's sampling arguments (SGLang's frontend names); None means "use the run default"."""
+class SglSamplingParams:
+    """The DSL's sampling arguments (SGLang's frontend names and class name, distinct from the runtime's
+    validated SamplingParams); None means "use the run default"."""
 
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
@@ -46,10 +47,10 @@ class SamplingParams:
 
     REQUEST_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
 
-    def merged(self, defaults: "SamplingParams") -> "SamplingParams":
+    def merged(self, defaults: "SglSamplingParams") -> "SglSamplingParams":
         """Fields set here win over the run's defaults."""
-        return SamplingParams(**{f.name: v if (v := getattr(self, f.name)) is not None else getattr(defaults, f.name)
-                                 for f in dataclasses.fields(self)})
+        return SglSamplingParams(**{f.name: v if (v := getattr(self, f.name)) is not None
+                                    else getattr(defaults, f.name) for f in dataclasses.fields(self)})
 
     def sampling_dict(self) -> dict[str, Any]:
         """The runtime's `sampling_params` (unset fields left to the runtime's defaults)."""
@@ -85,7 +86,7 @@ class ExprList(Expr):
 @dataclass(eq=False)
 class Gen(Expr):
     name: str | None
-    params: SamplingParams
+    params: SglSamplingParams
     dtype: type | None = None
     schema_model: type | None = None  # a pydantic model class: parsed values are its instances
     tools: Any = None  # a runtime ToolContext: the reply's calls go into the meta info

@@ -23,14 +23,14 @@ from arborlm.lang.tracer import constant_exprs
 
 logger = logging.getLogger(__name__)
 
-SAMPLING_ARGS = {f.name for f in dataclasses.fields(ir.SamplingParams)}
+SAMPLING_ARGS = {f.name for f in dataclasses.fields(ir.SglSamplingParams)}
 
 
-def _defaults(kwargs: dict) -> ir.SamplingParams:
+def _defaults(kwargs: dict) -> ir.SglSamplingParams:
     """Pop the run's default sampling arguments out of the program's keyword arguments."""
     if "max_tokens" in kwargs:
         kwargs["max_new_tokens"] = kwargs.pop("max_tokens")
-    return ir.SamplingParams(**{k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING_ARGS})
+    return ir.SglSamplingParams(**{k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING_ARGS})
 
 
 def _location(e: BaseException) -> str:
@@ -135,7 +135,7 @@ class Function:
 
     async def constant_prefix(self, backend, arg_names: list[str], defaults=None) -> str:
         exprs = constant_exprs(self.func, arg_names)
-        ex = Executor(backend, defaults or ir.SamplingParams())
+        ex = Executor(backend, defaults or ir.SglSamplingParams())
         for e in exprs:
             if isinstance(e, ir.RoleBegin):
                 ex.role_begin(e.role, await ex._template())

@@ -140,27 +140,13 @@ class ProgramState:
         return self
 
     # ---- streaming -----------------------------------------------------------------------------
-    def _current(self, var: str | None) -> tuple[str, bool]:
-        ex = self._ex
-        if var is None:
-            return ex.text, ex.done
-        if var in ex.partial:
-            return ex.partial[var], False
-        if var in ex.variables:
-            return str(ex.variables[var]), True
-        return "", ex.done
-
     def text_iter(self, var: str | None = None) -> Iterator[str]:
         """New text as it is generated: the whole state's (var=None) or one variable's."""
-        sent = 0
-        while True:
-            self._ex.signal.wait_for(lambda: (c := self._current(var))[1] or len(c[0]) > sent)
-            text, final = self._current(var)
-            if len(text) > sent:
-                yield text[sent:]
-                sent = len(text)
-            if final:
-                break
+        cursor = _Cursor(self._ex, var, with_meta=False)
+        while not cursor.final:
+            self._ex.signal.wait_for(cursor.ready)
+            if (chunk := cursor.take()) is not None:
+                yield chunk
         if self._ex.error is not None:
             raise self._ex.error
 
@@ -168,24 +154,11 @@ class ProgramState:
         """New text as it is generated; with `return_meta_data` (and a variable), (text, meta_info)
         pairs as SGLang yields them: output logprobs new since the previous pair, with the running
         count in `output_token_logprobs_length`."""
-        sent, sent_lp = 0, 0
-        while True:
-            await self._ex.signal.await_for(lambda: (c := self._current(var))[1] or len(c[0]) > sent)
-            text, final = self._current(var)
-            if len(text) > sent:
-                if return_meta_data and var is not None:
-                    meta = dict(self._ex.partial_meta.get(var) or self._ex.meta_info.get(var) or {})
-                    lps = meta.get("output_token_logprobs")
-                    if isinstance(lps, list):
-                        meta["output_token_logprobs"] = lps[sent_lp:]
-                        meta["output_token_logprobs_length"] = len(lps)
-                        sent_lp = len(lps)
-                    yield text[sent:], meta
-                else:
-                    yield text[sent:]
-                sent = len(text)
-            if final:
-                break
+        cursor = _Cursor(self._ex, var, with_meta=return_meta_data and var is not None)
+        while not cursor.final:
+            await self._ex.signal.await_for(cursor.ready)
+            if (chunk := cursor.take()) is not None:
+                yield chunk
         if self._ex.error is not None:
             raise self._ex.error
 
@@ -209,6 +182,46 @@ class ProgramState:
 
     def __repr__(self) -> str:
         return f"ProgramState({self._ex.text[-60:]!r})"
+
+
+class _Cursor:
+    """How far one text_iter / text_async_iter has read, so the sync and async loops share the reading."""
+
+    def __init__(self, ex: Executor, var: str | None, with_meta: bool):
+        self.ex, self.var, self.with_meta = ex, var, with_meta
+        self.sent = self.sent_lp = 0
+        self.final = False
+
+    def _current(self) -> tuple[str, bool]:
+        """The text so far and whether it is complete."""
+        ex, var = self.ex, self.var
+        if var is None:
+            return ex.text, ex.done
+        if var in ex.partial:
+            return ex.partial[var], False
+        if var in ex.variables:
+            return str(ex.variables[var]), True
+        return "", ex.done
+
+    def ready(self) -> bool:
+        text, final = self._current()
+        return final or len(text) > self.sent
+
+    def take(self):
+        """The text new since the last take (with its meta_info if asked), or None; sets `final`."""
+        text, self.final = self._current()
+        if len(text) <= self.sent:
+            return None
+        chunk, self.sent = text[self.sent :], len(text)
+        if not self.with_meta:
+            return chunk
+        meta = dict(self.ex.partial_meta.get(self.var) or self.ex.meta_info.get(self.var) or {})
+        lps = meta.get("output_token_logprobs")
+        if isinstance(lps, list):
+            meta["output_token_logprobs"] = lps[self.sent_lp :]
+            meta["output_token_logprobs_length"] = len(lps)
+            self.sent_lp = len(lps)
+        return chunk, meta
 
 
 class ForkGroup:

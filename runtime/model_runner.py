@@ -58,7 +58,8 @@ class ModelRunner:
     def make_sampler(self, eos_ids: set[int]) -> Sampler:
         return Sampler(self.vocab_size, eos_ids, seed=self.args.random_seed)
 
-    def forward_batch(self, batch: ScheduleBatch) -> tuple[ForwardBatch, list[PromptLogprobRows]]:
+    def prepare_inputs(self, batch: ScheduleBatch) -> tuple[ForwardBatch, list[PromptLogprobRows]]:
+        """Lay the scheduler's batch out as the model's inputs, and the extra rows prompt logprobs need."""
         ids, pos, starts, slots_ext, logit_idx = [], [], [], [], []
         table = self.req_pool.table
         t = 0
@@ -141,7 +142,7 @@ class ModelRunner:
 
     def run(self, batch: ScheduleBatch, sampler: Sampler) -> tuple[list[int | None], SampleOutput | None]:
         """Forward one step; return the sampled token per request (None where it only prefilled)."""
-        fb, prompt_rows = self.forward_batch(batch)
+        fb, prompt_rows = self.prepare_inputs(batch)
         logits = self._forward(batch, fb, prompt_rows)
         if prompt_rows:
             self._record_prompt_logprobs(batch, logits, prompt_rows)

@@ -15,8 +15,8 @@ import torch
 
 from arborlm.runtime.constrained.base import GrammarError, GrammarSpec, apply_bitmask, bitmask_words
 from arborlm.runtime.constrained.cache import GrammarCache
+from arborlm.runtime.constrained.corpus import REFUSED, REGEXES, SCHEMAS
 from arborlm.runtime.constrained.factory import BACKENDS, make_backend
-from structured_corpus import REFUSED, REGEXES, SCHEMAS
 
 EOS = 2
 VOCAB = 49152

@@ -152,7 +152,7 @@ def test_bad_inputs_raise():
 
 def mixed_batch(dtype, H, Hkv, D, cascade=False):
     """Two extends (the second on a cached prefix) then three decodes, laid out as
-    ModelRunner.forward_batch lays them out; with `cascade`, only decodes sharing a prefix."""
+    ModelRunner.prepare_inputs lays them out; with `cascade`, only decodes sharing a prefix."""
     torch.manual_seed(0)
     if cascade:
         prefix, new = [80 + n for n in (3, 10, 1)], [1, 1, 1]

@@ -10,10 +10,10 @@ import re
 import jsonschema
 import pytest
 
+from arborlm.runtime.constrained.corpus import REFUSED, REGEXES, SCHEMAS
+from arborlm.runtime.constrained.factory import BACKENDS
 from arborlm.runtime.errors import BadRequestError
 from conftest import assert_pool_clean
-from arborlm.runtime.constrained.factory import BACKENDS
-from structured_corpus import REFUSED, REGEXES, SCHEMAS
 
 pytestmark = pytest.mark.integration
 # The test bounds of the JSON guard (defaults 512 / 16): a looping string or nesting is steered

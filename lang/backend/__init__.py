@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import weakref
+
 from arborlm.lang.backend.base import Backend, BackendError, GenerateCall, ModelInfo
 
 _default: Backend | None = None
+# id(engine) -> its EngineBackend, while that is in use. Not keyed by the engine in a WeakKeyDictionary:
+# the backend holds its engine, so a strong value would keep every such engine alive. A live backend
+# keeps its engine alive, so the id cannot be reused while its entry stands.
+_engine_backends: weakref.WeakValueDictionary[int, Backend] = weakref.WeakValueDictionary()
 
 
 def as_backend(obj) -> Backend:
@@ -16,9 +22,10 @@ def as_backend(obj) -> Backend:
     if isinstance(obj, Engine):
         from arborlm.lang.backend.engine import EngineBackend
 
-        if not hasattr(obj, "_lang_backend"):
-            obj._lang_backend = EngineBackend(obj)
-        return obj._lang_backend
+        backend = _engine_backends.get(id(obj))
+        if backend is None:
+            backend = _engine_backends[id(obj)] = EngineBackend(obj)
+        return backend
     raise TypeError(f"not a backend: {obj!r}")
 
 

@@ -8,12 +8,6 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "inval
           413: "invalid_request_error", 503: "service_unavailable", 500: "server_error"}
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
                       "param": param, "code": code or status}}

@@ -1,6 +1,7 @@
 """The structured-generation corpus: JSON schemas and regexes shared by the tests and
-benchmarks/bench_structured.py. Each schema covers a feature users rely on; some are outside
-what one backend enforces, and that backend must refuse them by name rather than ignore them."""
+benchmarks/bench_structured.py (here, so neither imports the other). Each schema covers a feature
+users rely on; some are outside what one backend enforces, and that backend must refuse them by
+name rather than ignore them."""
 
 from __future__ import annotations
 
