@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -106,39 +107,34 @@ class JsonGuard:
         self.max_string = max_string or float("inf")
         self.max_depth = max_depth or float("inf")
         closes = np.zeros(bitmask_words(vocab_size) * 32, dtype=bool)
-        flat = np.ones_like(closes)
-        ends = np.zeros_like(closes)
-        final = np.zeros_like(closes)
-        no_comma = np.ones_like(closes)
-        for tok, data in token_bytes.items():
-            if tok >= len(closes):  # a tokenizer entry past the model's vocabulary
-                continue
-            closes[tok] = data[:1] == b'"'
-            final[tok] = closes[tok] and set(data[1:]) <= _CLOSING_TAIL
-            flat[tok] = not (_OPEN & set(data))
-            ends[tok] = flat[tok] and bool(_CLOSE & set(data)) and not (_NEXT & set(data))
-            no_comma[tok] = b"," not in data
-        self.closes, self.flat, self.ends, self.final = _pack(closes), _pack(flat), _pack(ends), _pack(final)
-        self.no_comma = _pack(no_comma)
-        single = {data: tok for tok, data in token_bytes.items() if len(data) == 1}
-        self.single = single
-        self.by_bytes = {data: tok for tok, data in token_bytes.items() if tok < len(closes)}
-        # for the closing estimate: each token's length, and the tokens that move a document on
-        # (a comma or quote: the next item or key) rather than lengthen a number or a name
+        flat, no_comma = np.ones_like(closes), np.ones_like(closes)
+        ends, final, progress = np.zeros_like(closes), np.zeros_like(closes), np.zeros_like(closes)
         self.length = np.zeros(len(closes), dtype=np.int32)
-        progress = np.zeros_like(closes)
-        for tok, data in token_bytes.items():
-            if tok < len(closes):
-                self.length[tok] = len(data)
-                progress[tok] = bool(_NEXT & set(data))
-        self.progress = _pack(progress)
+        self.by_bytes: dict[bytes, int] = {}
         # the bytes a token writes before a quote (none of them a quote or backslash) -> such tokens:
         # what ends a string exactly as an earlier item ended
         self.ending: dict[bytes, list[int]] = {}
         for tok, data in token_bytes.items():
+            if tok >= len(closes):  # a tokenizer entry past the model's vocabulary
+                continue
+            chars = set(data)
+            closes[tok] = data[:1] == b'"'
+            final[tok] = closes[tok] and set(data[1:]) <= _CLOSING_TAIL
+            flat[tok] = not (_OPEN & chars)
+            ends[tok] = flat[tok] and bool(_CLOSE & chars) and not (_NEXT & chars)
+            no_comma[tok] = b"," not in data
+            # for the closing estimate: each token's length, and the tokens that move a document on
+            # (a comma or quote: the next item or key) rather than lengthen a number or a name
+            self.length[tok] = len(data)
+            progress[tok] = bool(_NEXT & chars)
+            self.by_bytes[data] = tok
             at = data.find(b'"')
-            if 0 <= at and tok < len(closes) and b"\\" not in data[:at]:
+            if at >= 0 and b"\\" not in data[:at]:
                 self.ending.setdefault(data[:at], []).append(tok)
+        self.closes, self.flat, self.ends, self.final = _pack(closes), _pack(flat), _pack(ends), _pack(final)
+        self.no_comma, self.progress = _pack(no_comma), _pack(progress)
+        single = {data: tok for tok, data in token_bytes.items() if len(data) == 1}
+        self.single = single
         self.quote = single.get(b'"')
         self.fillers = [single[bytes([c])] for c in _FILLERS if bytes([c]) in single]
 
@@ -390,5 +386,6 @@ class GuardedMatcher:
         return self.inner.jump_forward_string()
 
 
+@lru_cache(maxsize=256)
 def wants_unique_items(schema_text: str) -> bool:
     return re.search(r'"uniqueItems"\s*:\s*true', schema_text) is not None
