@@ -23,7 +23,9 @@ class EngineArgs:
     max_running_requests: int = 256
     chunked_prefill_size: int = 8192  # prefill token budget of one step; longer prompts go in chunks
     disable_radix_cache: bool = False
-    schedule_policy: str = "lpm"  # fcfs | lpm | dfs-weight
+    schedule_policy: str = "lpm"  # fcfs | lpm | dfs-weight | priority (scheduler/policy.py)
+    schedule_low_priority_values_first: bool = False  # as SGLang: by default a higher priority value goes first
+    priority_aging_seconds: float = 10.0  # each this long in the queue raises a request's priority by one
     attention_backend: str = "auto"  # auto (triton on a GPU, else cpu) | cpu (C++, pool read in place) | torch | triton
     random_seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
@@ -66,6 +68,8 @@ class EngineArgs:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_total_tokens is not None and self.max_total_tokens < 1:
             raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
+        if self.priority_aging_seconds <= 0:
+            raise ValueError(f"priority_aging_seconds must be > 0, got {self.priority_aging_seconds}")
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
 

@@ -10,6 +10,7 @@ a request before sending it (request_check.py), so a bad one never reaches the q
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future
 from typing import Callable
 
@@ -73,6 +74,7 @@ class EngineCore:
             context_length=self.runner.context_length, max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size, schedule_policy=args.schedule_policy,
             eos_ids=self.eos_ids, jump_forward=self.jump_forward,
+            low_priority_first=args.schedule_low_priority_values_first, priority_aging_s=args.priority_aging_seconds,
         ))
         self.compiling: dict[str, Req] = {}  # constrained requests whose grammar is still compiling
         self.wake: Callable[[], None] | None = None  # called from the compile thread when one is ready
@@ -84,7 +86,8 @@ class EngineCore:
         be refused, or a request that cannot fit)."""
         p = msg.params
         req = Req(msg.rid, msg.input_ids, p, return_logprob=msg.return_logprob, top_logprobs_num=msg.top_logprobs_num,
-                  logprob_start_len=msg.logprob_start_len, seed=p.seed, stream=msg.stream)
+                  logprob_start_len=msg.logprob_start_len, seed=p.seed, stream=msg.stream, priority=msg.priority,
+                  timeout=msg.timeout if msg.timeout is not None else p.timeout)
         if self.keep_text or has_text_stops(p) or p.constrained:  # text stops and jump-forward read the text
             req.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, p.spaces_between_special_tokens)
         req.grammar_future = self.grammar_for(p)
@@ -149,6 +152,19 @@ class EngineCore:
             req.finish({"type": "abort"})
         return req
 
+    def expire(self) -> list[Req]:
+        """Abort every request past its deadline (--request-timeout or its own `timeout`), wherever
+        it is: compiling, waiting or running. Its KV goes back to the tree like any abort's, and
+        its finish reason says why, so the caller answers with what it has."""
+        now = time.perf_counter()
+        late = [r for r in (*self.compiling.values(), *self.scheduler.waiting, *self.scheduler.running)
+                if r.timeout is not None and now >= r.created + r.timeout]
+        for req in late:
+            self.abort(req.rid)
+            req.finish_reason = {"type": "abort", "timeout": req.timeout,
+                                 "message": f"request timed out after {req.timeout:g} s (deadline); the output is cut short"}
+        return late
+
     def shutdown(self) -> None:
         self.grammars.shutdown()
 
@@ -156,6 +172,7 @@ class EngineCore:
         """Schedule and run one batch. Returns the step's outputs and the requests that failed
         (a failure aborts those requests and keeps the core serving)."""
         sched = self.scheduler
+        expired = [StepOutput(req, [], True) for req in self.expire()]
         rejected = self._admit_compiled() if self.compiling else []
         try:
             batch = sched.schedule()
@@ -164,19 +181,19 @@ class EngineCore:
             failed = list(sched.waiting) + list(sched.running)
             for req in failed:
                 sched.abort(req.rid)
-            return [], rejected + [(r, e) for r in failed]
+            return expired, rejected + [(r, e) for r in failed]
         if batch is None:
-            return [], rejected
+            return expired, rejected
         try:
             next_ids, so = self.runner.run(batch, self.sampler)
             outs = sched.process(batch, next_ids, so.logprobs if so else None, so.top_logprobs if so else None)
-            return outs, rejected
+            return expired + outs, rejected
         except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
             logger.exception("forward step failed")
             for req in batch.reqs:
                 if not req.finished:
                     sched.abort(req.rid)
-            return [], rejected + [(r, e) for r in batch.reqs]
+            return expired, rejected + [(r, e) for r in batch.reqs]
 
     def abort_all(self) -> list[Req]:
         reqs = list(self.scheduler.waiting) + list(self.scheduler.running) + list(self.compiling.values())

@@ -56,6 +56,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (keys may be strings)
     stream_interval: int | None = None  # tokens per streamed chunk (None: the server's setting)
     custom_params: dict | None = None  # for a custom logit processor; accepted, read by nothing
+    timeout: float | None = None  # seconds; past them the request is aborted and answers what it has
     # structured generation: at most one; json_schema is a JSON string ("$$ANY$$": any JSON object)
     regex: str | None = None
     json_schema: str | None = None
@@ -153,6 +154,10 @@ class SamplingParams:
             check_type("stream_interval", (int,))
             if self.stream_interval < 1:
                 bad("stream_interval", "must be >= 1")
+        if self.timeout is not None:
+            check_type("timeout", (int, float))
+            if not 0 < self.timeout <= 1e7:
+                bad("timeout", "must be > 0 seconds")
         if self.custom_params is not None and not isinstance(self.custom_params, dict):
             bad("custom_params", "must be an object")
         self._validate_grammar()

@@ -1,21 +1,36 @@
-"""Orders of the waiting queue (--schedule-policy): fcfs, lpm, dfs-weight.
+"""Orders of the waiting queue (--schedule-policy): fcfs, lpm, dfs-weight, priority.
 
 lpm and dfs-weight look every waiting request up in the radix tree, so past LONG_QUEUE waiting
 requests they fall back to fcfs: sorting must never cost more than it saves.
+
+Request priorities come first under every policy once the waiting requests' priorities differ
+(the policy orders requests of equal priority); `priority` orders by priority always, then by
+arrival. The priority compared is the effective one (scheduler.py): waiting raises it, so a low
+priority is never starved.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable
 
 from arborlm.runtime.cache.radix_cache import RadixCache, TreeNode
 
-POLICIES = ("fcfs", "lpm", "dfs-weight")
+POLICIES = ("fcfs", "lpm", "dfs-weight", "priority")
 LONG_QUEUE = 128
 
 
-def order_waiting(policy: str, waiting: list, tree: RadixCache) -> list:
-    if policy == "fcfs" or tree.disable or len(waiting) > LONG_QUEUE or len(waiting) < 2:
+def order_waiting(policy: str, waiting: list, tree: RadixCache, rank: Callable | None = None) -> list:
+    """rank(req): a request's effective priority, higher first (None: priorities are ignored)."""
+    if len(waiting) < 2:
+        return waiting
+    if rank is not None and (policy == "priority" or len({r.priority for r in waiting}) > 1):
+        return sorted(_by_policy(policy, waiting, tree), key=lambda r: -rank(r))  # stable: policy among equals
+    return _by_policy(policy, waiting, tree)
+
+
+def _by_policy(policy: str, waiting: list, tree: RadixCache) -> list:
+    if policy in ("fcfs", "priority") or tree.disable or len(waiting) > LONG_QUEUE:
         return waiting
     ends = {}
     for req in waiting:

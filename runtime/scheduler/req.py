@@ -29,6 +29,8 @@ class Req:
     logprob_start_len: int = -1  # first prompt token with a returned logprob; -1: the last one
     seed: int | None = None  # the per-request seed (n > 1 copies get seed + i)
     stream: bool = False
+    priority: int = 0  # higher goes first (the scheduler flips it under --schedule-low-priority-values-first)
+    timeout: float | None = None  # seconds from arrival; past them the request is aborted with what it has
 
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -47,11 +49,16 @@ class Req:
     grammar: Any = None  # constrained decoding: the request's Matcher, set once its grammar compiled
     grammar_future: Any = None  # the compile in flight (a Future of the Grammar)
     created: float = field(default_factory=time.perf_counter)
+    queued_at: float = field(default_factory=time.perf_counter)  # last (re)entry to the waiting queue
     finish_time: float | None = None
 
     def __post_init__(self):
         if self.seed is not None:
             self.generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else self.created + self.timeout
 
     @property
     def input_logprob_start(self) -> int | None:

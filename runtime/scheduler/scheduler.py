@@ -13,6 +13,7 @@ request (stops, grammar, jump-forward) is output_processor.py's; here finished r
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -78,6 +79,8 @@ class SchedulerConfig:
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001
     eos_ids: set[int] = field(default_factory=set)
+    low_priority_first: bool = False  # a lower priority value goes first (vLLM); by default a higher one (SGLang)
+    priority_aging_s: float = 10.0  # each this long in the waiting queue raises a request's priority by one
     jump_forward: Callable[[Req], int] | None = None  # appends a grammar's forced tokens to a request
 
 
@@ -103,6 +106,30 @@ class Scheduler:
     def add_request(self, req: Req) -> None:
         self.check(req)
         self.waiting.append(req)
+
+    # ---- priorities ------------------------------------------------------------------------
+    def static_priority(self, req: Req) -> int:
+        return -req.priority if self.cfg.low_priority_first else req.priority
+
+    def effective_priority(self, req: Req, now: float) -> int:
+        """The priority admission compares: the request's own, plus one for every aging period it
+        has waited since it (re)entered the queue, so a low priority is never starved."""
+        return self.static_priority(req) + int((now - req.queued_at) / self.cfg.priority_aging_s)
+
+    def _preempt(self) -> None:
+        """Under the priority policy: when the highest-priority waiting request cannot be admitted
+        (no free row, or not enough KV), retract the lowest-priority running request if its own
+        priority is lower. One per step, and only on the requests' own priorities (not aging),
+        so two requests never take turns retracting each other."""
+        now = time.perf_counter()
+        head = max(self.waiting, key=lambda r: self.effective_priority(r, now))
+        victim = min(reversed(self.running), key=lambda r: (self.static_priority(r), len(r.output_ids)))
+        if self.static_priority(victim) >= self.static_priority(head):
+            return
+        full = len(self.running) >= self.max_running or self.req_pool.available() == 0
+        room = self.kv_pool.available() + self.tree.evictable_size - sum(self._future_need(r) for r in self.running)
+        if full or room < head.seq_len + self._future_need(head):
+            self._retract(victim)
 
     def abort(self, rid: str) -> Req | None:
         for req in list(self.waiting):
@@ -147,6 +174,8 @@ class Scheduler:
 
     # ---- batch formation -------------------------------------------------------------------
     def schedule(self) -> ScheduleBatch | None:
+        if self.cfg.schedule_policy == "priority" and self.waiting and self.running:
+            self._preempt()
         decodes = [r for r in self.running if r.pending_len == 1]
         while not self._make_room(len(decodes)):
             victim = self._retract_one()
@@ -178,7 +207,9 @@ class Scheduler:
         self._alloc(req, n)
 
     def _admit(self, budget: int, batch: ScheduleBatch) -> None:
-        ordered = order_waiting(self.cfg.schedule_policy, list(self.waiting), self.tree)
+        now = time.perf_counter()
+        ordered = order_waiting(self.cfg.schedule_policy, list(self.waiting), self.tree,
+                                lambda r: self.effective_priority(r, now))
         future = sum(self._future_need(r) for r in self.running)
         # Prefixes being prefilled in this very step: a request that would compute the same tokens
         # again waits one step and then hits the cache (SGLang's in-batch prefix check).
@@ -235,17 +266,22 @@ class Scheduler:
         req.kv_len += n
 
     def _retract_one(self) -> Req:
-        """Send the running request with the least progress (newest among equals) back to waiting."""
+        """Send the running request with the lowest priority and then the least progress (newest
+        among equals) back to waiting."""
         if not self.running:
             raise RuntimeError("KV pool exhausted with nothing to retract")  # check() prevents this
-        victim = min(reversed(self.running), key=lambda r: len(r.output_ids))
+        victim = min(reversed(self.running), key=lambda r: (self.static_priority(r), len(r.output_ids)))
+        self._retract(victim)
+        return victim
+
+    def _retract(self, victim: Req) -> None:
         self._free_kv(victim)
+        victim.queued_at = time.perf_counter()
         victim.status = Status.WAITING
         self.running.remove(victim)
         self.waiting.appendleft(victim)
         self.new_token_ratio = self.cfg.init_new_token_ratio
         self.stats.retractions += 1
-        return victim
 
     # ---- results -----------------------------------------------------------------------------
     def process(self, batch: ScheduleBatch, next_ids: list[int | None], logprobs=None, top_logprobs=None) -> list[StepOutput]:

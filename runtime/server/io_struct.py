@@ -21,6 +21,8 @@ class GenerateReq:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     stream: bool = False  # streamed requests report every --stream-interval tokens, others at the end
+    priority: int = 0
+    timeout: float | None = None  # seconds; None: the sampling params' own timeout, if any
 
 
 @dataclass
