@@ -178,13 +178,22 @@ def test_service_routes(http, server):
     assert info["is_generation"] is True and info["model_path"]
     assert http.get("/health_generate").status_code == 200
     metrics = http.get("/metrics").text
-    for name in ("arborlm:num_running_reqs", "arborlm:num_waiting_reqs", "arborlm:token_usage",
-                 "arborlm:cache_hit_rate", "arborlm:gen_throughput", "arborlm:time_to_first_token_seconds_bucket",
-                 "arborlm:inter_token_latency_seconds_bucket", "arborlm:generation_tokens_total"):
+    for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage",
+                 "sglang:cache_hit_rate", "sglang:gen_throughput", "sglang:time_to_first_token_seconds_bucket",
+                 "sglang:inter_token_latency_seconds_bucket", "sglang:generation_tokens_total"):
         assert name in metrics
     wait_pool_clean(http)
     assert http.post("/flush_cache").json() == {"success": True}
     assert server_info(http)["evictable_tokens"] == 0
+
+
+def test_chat_past_its_deadline_answers_what_it_has(client, model, http):
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Count to a thousand."}],
+                                       max_tokens=2000, extra_body={"ignore_eos": True, "timeout": 0.5})
+    choice = r.model_dump()["choices"][0]
+    assert choice["finish_reason"] == "length" and "timed out after 0.5 s" in choice["finish_message"]
+    assert 0 < r.usage.completion_tokens < 2000 and choice["message"]["content"]
+    wait_pool_clean(http)
 
 
 def test_abort_request_by_rid(http, server):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -25,7 +24,7 @@ from arborlm.runtime.server import io_struct as io
 from arborlm.runtime.server import native_api, openai_api
 from arborlm.runtime.server.args import ServerArgs
 from arborlm.runtime.server.errors import error_body, error_response, validation_message
-from arborlm.runtime.server.tokenizer_manager import RequestFailed, TokenizerManager
+from arborlm.runtime.server.tokenizer_manager import Admission, RequestFailed, TokenizerManager
 from arborlm.runtime.tool_calls import pick_format
 
 logger = logging.getLogger("arborlm.server")
@@ -49,13 +48,21 @@ async def _invalid(_, exc: ValidationError | RequestValidationError):
     return error_response(400, msg, param)
 
 
+def status_of(exc: BaseException) -> int:
+    if isinstance(exc, RequestFailed):
+        return exc.status
+    if isinstance(exc, (BadRequestError, UnsupportedError, ValidationError, RequestValidationError)):
+        return 400
+    return 500
+
+
 async def _arbor(_, exc: ArborError):
-    status = 400 if isinstance(exc, (BadRequestError, UnsupportedError)) else 500
-    return error_response(status, str(exc), _param_of(str(exc)))
+    return error_response(status_of(exc), str(exc), _param_of(str(exc)))
 
 
 async def _failed(_, exc: RequestFailed):
-    return error_response(exc.status, str(exc))
+    code = {429: "queue_full", 503: "unavailable"}.get(exc.status)
+    return error_response(exc.status, str(exc), code=code, headers=exc.headers)
 
 
 async def _http(_, exc: StarletteHTTPException):
@@ -86,19 +93,62 @@ def sse(obj) -> bytes:
     return b"data: " + _json(obj) + b"\n\n"
 
 
-def event_stream(chunks: AsyncIterator[dict]) -> StreamingResponse:
+def event_stream(chunks: AsyncIterator[dict], adm: Admission) -> StreamingResponse:
     """Chunks as server-sent events; an error mid-stream becomes a last event, then [DONE]."""
+    status = 200
 
     async def events():
+        nonlocal status
         async with contextlib.aclosing(chunks):  # a client that goes away ends (aborts) the requests now
             try:
                 async for chunk in chunks:
                     yield sse(chunk)
             except (RequestFailed, ArborError) as e:
-                yield sse(error_body(getattr(e, "status", 400), str(e)))
+                status = status_of(e)
+                yield sse(error_body(status, str(e)))
         yield SSE_DONE
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return _Stream(events(), lambda: adm.close(status))
+
+
+class _Stream(StreamingResponse):
+    """A server-sent event stream whose admission is closed however the response ends, even when
+    the client leaves before the body starts (then the generator above never runs)."""
+
+    def __init__(self, body, on_close):
+        super().__init__(body, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def admit(tm: TokenizerManager, request: Request, subs, route: str, priority: int | None,
+          request_id: str | None) -> Admission:
+    """Admit a request's sub-requests as one (429 when the queue is full, 503 while draining)."""
+    client = f"{request.client.host}:{request.client.port}" if request.client else None
+    adm = tm.admit(len(subs), route, client, priority)
+    adm.id = request_id
+    for sub in subs:
+        sub.priority, sub.admission = priority, adm
+    return adm
+
+
+async def finish(adm: Admission, coro):
+    """Await a non-streamed request's coroutine, closing its admission with the response status."""
+    status = 500
+    try:
+        out = await coro
+        status = out.status_code if isinstance(out, Response) else 200
+        return out
+    except Exception as e:
+        status = status_of(e)
+        raise
+    finally:
+        adm.close(status)
 
 
 async def parse_body(request: Request, model):
@@ -141,6 +191,8 @@ def service_routes(args: ServerArgs, tm: TokenizerManager, model_name: str) -> A
     async def health():
         if tm.dead:
             return error_response(503, tm.dead)
+        if tm.draining:  # load balancers move away while the running requests finish
+            return error_response(503, "the server is shutting down", code="unavailable")
         return Response(status_code=200)
 
     @router.get("/health_generate")
@@ -168,8 +220,8 @@ def service_routes(args: ServerArgs, tm: TokenizerManager, model_name: str) -> A
     @router.get("/server_info")
     async def server_info():
         stats = await tm.ask(io.StatsReq)
-        info = {k: v for k, v in dataclasses.asdict(args).items() if k != "api_key"}
-        return {**info, "context_length": tm.context_length, "scheduler": stats}
+        return {**args.public(), "context_length": tm.context_length, "scheduler": stats,
+                "queued_requests": tm.queued(), "queue_limit": tm.queue_limit, "draining": tm.draining}
 
     @router.post("/flush_cache")
     @router.get("/flush_cache")  # SGLang takes both
@@ -195,7 +247,7 @@ def service_routes(args: ServerArgs, tm: TokenizerManager, model_name: str) -> A
 
     @router.get("/metrics")
     async def metrics():
-        tm.metrics.observe_stats(await tm.ask(io.StatsReq))
+        tm.metrics.observe_stats(await tm.ask(io.StatsReq), tm.queued())
         return Response(tm.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return router
@@ -209,10 +261,11 @@ def native_routes(tm: TokenizerManager) -> APIRouter:
     async def generate(request: Request):
         req = await parse_body(request, native_api.GenerateRequest)
         subs, single = native_api.expand(req, tm)
+        adm = admit(tm, request, subs, "/generate", req.priority, subs[0].rid if subs else None)
         with_text = req.return_text_in_logprobs
         if req.stream:
-            return event_stream(_native_chunks(tm, subs, with_text, single))
-        out = await until_disconnected(request, native_api.run_all(tm, subs, with_text))
+            return event_stream(_native_chunks(tm, subs, with_text, single), adm)
+        out = await finish(adm, until_disconnected(request, native_api.run_all(tm, subs, with_text)))
         if isinstance(out, Response):
             return out
         return Response(_json(out[0] if single else out), media_type="application/json")
@@ -243,9 +296,10 @@ def openai_routes(args: ServerArgs, tm: TokenizerManager, model_name: str) -> AP
             raise RequestFailed(f"model {req.model!r} does not exist; this server serves {model_name!r}", 404)
         subs = make_subs(req, tm)
         rid, created = openai_api.new_id(id_prefix)
+        adm = admit(tm, request, subs, request.url.path, req.priority, rid)
         if req.stream:
-            return event_stream(openai_api.stream_chunks(chunks, req, tm, subs, rid, created, model_name))
-        states = await until_disconnected(request, openai_api.final_states(tm, subs))
+            return event_stream(openai_api.stream_chunks(chunks, req, tm, subs, rid, created, model_name), adm)
+        states = await finish(adm, until_disconnected(request, openai_api.final_states(tm, subs)))
         if isinstance(states, Response):
             return states
         return respond(req, tm, subs, states, rid, created, model_name)

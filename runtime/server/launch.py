@@ -1,5 +1,10 @@
 """The server process: starts the scheduler and detokenizer processes, serves HTTP until SIGTERM /
-Ctrl-C or until a child dies, then stops the children and removes their sockets."""
+Ctrl-C or until a child dies, then stops the children and removes their sockets.
+
+SIGTERM drains: new requests get 503 (and /health too, so load balancers move away), running ones
+get --shutdown-timeout seconds to finish, the rest are aborted (answered with what they have), and
+the process exits 0. A second signal stops at once. A dead child exits non-zero, or with
+--restart-on-failure starts the whole server again."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import multiprocessing as mp
 import shutil
 import signal
 import sys
+import time
 
 import uvicorn
 
@@ -22,10 +28,28 @@ from arborlm.runtime.server.tokenizer_manager import TokenizerManager
 logger = logging.getLogger("arborlm.server")
 
 WATCH_INTERVAL_S = 0.5
+CRASHED = 1  # the exit code when a child died (startup failures are 2: no restart helps them)
+
+
+RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+DRAIN_POLL_S = 0.1
+ABORT_GRACE_S = 5.0  # after aborting, how long the last answers get to go out
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(launch_server(ServerArgs.from_cli(argv)))
+    args = ServerArgs.from_cli(argv)
+    restarts = 0
+    while True:
+        started = time.monotonic()
+        code = launch_server(args)
+        if code != CRASHED or not args.restart_on_failure:
+            sys.exit(code)
+        if time.monotonic() - started > 600:  # it ran a while: a fresh failure, not a crash loop
+            restarts = 0
+        wait = RESTART_BACKOFF_S[min(restarts, len(RESTART_BACKOFF_S) - 1)]
+        restarts += 1
+        logger.error("restarting the server in %d s (--restart-on-failure; restart %d)", wait, restarts)
+        time.sleep(wait)
 
 
 def launch_server(args: ServerArgs) -> int:
@@ -36,6 +60,8 @@ def launch_server(args: ServerArgs) -> int:
     from arborlm.runtime.server.scheduler_process import run_scheduler_process
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s [http] %(levelname)s %(message)s")
+    if args.log_requests:  # its lines show whatever the log level
+        logging.getLogger("arborlm.requests").setLevel(logging.INFO)
     files = loader.resolve_model(args.model_path, args.tokenizer_path)  # converts the GGUF once, here
     endpoints = Endpoints.fresh()
     ctx = mp.get_context("spawn")
@@ -56,7 +82,7 @@ def launch_server(args: ServerArgs) -> int:
     except RuntimeError as e:
         logger.error("%s", e)
         _stop(procs, endpoints)
-        return 1
+        return 2
 
     serving = _serve(args, info, endpoints, args.model_name(files.model_dir), procs)
     try:
@@ -71,17 +97,41 @@ def launch_server(args: ServerArgs) -> int:
 
 
 async def _serve(args: ServerArgs, info, endpoints: Endpoints, model_name: str, procs) -> int:
-    """Serve until a signal (exit code 0) or until a child dies (1)."""
-    tm = TokenizerManager(info, endpoints)  # in the loop: its sockets and futures belong to it
+    """Serve until a signal (exit code 0) or until a child dies (CRASHED)."""
+    tm = TokenizerManager(info, endpoints, model_name, args.queued_limit(info.pool_size), args.request_timeout,
+                          args.log_requests, args.log_requests_text)  # in the loop: its sockets belong to it
     tm.start()
     app = Gate(create_app(args, tm, model_name), args.max_request_bytes, args.api_key)
+    if args.cors_origins():  # outermost: a preflight carries no API key
+        from starlette.middleware.cors import CORSMiddleware
+
+        app = CORSMiddleware(app, allow_origins=args.cors_origins(), allow_methods=["*"], allow_headers=["*"])
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                    timeout_graceful_shutdown=3, access_log=False))
+                                    timeout_graceful_shutdown=ABORT_GRACE_S, access_log=args.access_log))
+    server.drain = lambda: _drain(tm, server, args.shutdown_timeout)
     watcher = asyncio.ensure_future(_watch(procs, tm, server))
     await server.serve()
     crashed = watcher.done()  # the watcher returns only once a child has died
     watcher.cancel()
-    return 1 if crashed else 0
+    return CRASHED if crashed else 0
+
+
+async def _drain(tm: TokenizerManager, server: uvicorn.Server, timeout: float) -> None:
+    """Refuse new requests, let the running ones finish for up to `timeout` s, abort the rest,
+    give their last answers a moment to go out, then stop serving."""
+    tm.draining = True
+    logger.info("draining: %d requests in flight, up to %g s", len(tm.states), timeout)
+    deadline = time.monotonic() + timeout
+    while tm.states and time.monotonic() < deadline:
+        await asyncio.sleep(DRAIN_POLL_S)
+    if tm.states:
+        logger.warning("shutdown timeout: aborting %d requests", len(tm.states))
+        for rid in list(tm.states):
+            tm.abort(rid)
+        deadline = time.monotonic() + ABORT_GRACE_S
+        while tm.states and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+    server.should_exit = True
 
 
 async def _watch(procs, tm: TokenizerManager, server: uvicorn.Server) -> None:
@@ -99,14 +149,24 @@ async def _watch(procs, tm: TokenizerManager, server: uvicorn.Server) -> None:
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises SIGTERM / SIGINT after its graceful shutdown, which would kill this
-    process before it stops its children; here a signal just starts the shutdown."""
+    process before it stops its children; here the first signal starts the drain, a second one
+    the shutdown."""
+
+    drain = None
+    draining: asyncio.Task | None = None
+
+    def on_signal(self, sig) -> None:
+        if self.draining is None and self.drain is not None:
+            self.draining = asyncio.ensure_future(self.drain())
+        else:
+            self.handle_exit(sig, None)
 
     @contextlib.contextmanager
     def capture_signals(self):
         loop = asyncio.get_running_loop()
         sigs = (signal.SIGINT, signal.SIGTERM)
         for sig in sigs:
-            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+            loop.add_signal_handler(sig, self.on_signal, sig)
         try:
             yield
         finally:

@@ -108,10 +108,18 @@ class SubRequest:
     def __init__(self, index, ids, params, return_logprob, logprob_start_len, top_logprobs_num, rid):
         self.index, self.ids, self.params, self.rid = index, ids, params, rid
         self.return_logprob, self.logprob_start_len, self.top_logprobs_num = return_logprob, logprob_start_len, top_logprobs_num
+        self.priority: int | None = None
+        self.admission = None  # the HTTP request's Admission (the route sets both)
 
-    def run(self, tm: TokenizerManager):
-        return tm.generate(self.ids, self.params, self.return_logprob, self.logprob_start_len,
-                           self.top_logprobs_num, rid=self.rid, stream=True)
+    def run(self, tm: TokenizerManager, stream: bool = True):
+        return tm.generate(self.ids, self.params, self.return_logprob, self.logprob_start_len, self.top_logprobs_num,
+                           rid=self.rid, stream=stream, priority=self.priority, admission=self.admission)
+
+    async def final(self, tm: TokenizerManager) -> ReqState:
+        state = None
+        async for state in self.run(tm, stream=False):
+            pass
+        return state
 
 
 def _per_prompt(value, n: int, name: str) -> list:
@@ -199,8 +207,7 @@ def stream_chunk(tm: TokenizerManager, st: ReqState, sub: SubRequest, with_text:
 
 async def run_all(tm: TokenizerManager, subs: list[SubRequest], with_text: bool) -> list[dict]:
     async def one(sub):
-        return result(tm, await tm.generate_final(sub.ids, sub.params, sub.return_logprob, sub.logprob_start_len,
-                                                  sub.top_logprobs_num, rid=sub.rid), sub, with_text)
+        return result(tm, await sub.final(tm), sub, with_text)
 
     return list(await asyncio.gather(*(one(s) for s in subs)))
 

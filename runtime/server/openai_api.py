@@ -63,6 +63,9 @@ class _Common(BaseModel):
     regex: str | None = None
     ebnf: str | None = None
     json_schema: str | dict[str, Any] | None = None
+    # operations, as vLLM and SGLang accept them in the body (extra_body with OpenAI's client)
+    priority: int | None = None
+    timeout: float | None = None  # seconds; past them the reply ends with what it has (finish_message says so)
 
     def sampling_dict(self, max_tokens: int | None) -> dict:
         d = {
@@ -74,7 +77,7 @@ class _Common(BaseModel):
             "stop_token_ids": self.stop_token_ids, "skip_special_tokens": self.skip_special_tokens,
             "regex": self.regex, "ebnf": self.ebnf, "logit_bias": self.logit_bias,
             "spaces_between_special_tokens": self.spaces_between_special_tokens, "no_stop_trim": self.no_stop_trim,
-            "stop_regex": self.stop_regex,
+            "stop_regex": self.stop_regex, "timeout": self.timeout,
             "json_schema": json.dumps(self.json_schema) if isinstance(self.json_schema, dict) else self.json_schema,
         }
         return {k: v for k, v in d.items() if v is not None}
@@ -126,7 +129,17 @@ def usage(states: list[ReqState], prompt_states: list[ReqState] | None = None) -
 
 
 def finish_reason(st: ReqState) -> str | None:
-    return st.finish_reason["type"] if st.finish_reason else None
+    """OpenAI's finish reason; a request past its deadline ends as if by max_tokens ("length"),
+    with finish_message saying why (finish_note)."""
+    r = st.finish_reason
+    if not r:
+        return None
+    return "length" if r.get("timeout") is not None else r["type"]
+
+
+def finish_note(st: ReqState) -> dict:
+    r = st.finish_reason
+    return {"finish_message": r["message"]} if st.finished and r and r.get("timeout") is not None else {}
 
 
 def _samples(ids: list[int], params: SamplingParams, first_index: int, want_logprobs: bool, top: int,
@@ -191,7 +204,7 @@ def completion_response(req: CompletionRequest, tm, subs, states, rid, created, 
         choices.append({
             "index": sub.index, "text": prefix + st.text,
             "logprobs": completion_logprobs(tm, st, req.echo) if req.logprobs is not None else None,
-            "finish_reason": finish_reason(st),
+            "finish_reason": finish_reason(st), **finish_note(st),
             **document_check(sub.params, st.text, st.finished),
         })
     firsts = [st for sub, st in zip(subs, states) if sub.index % req.n == 0]
@@ -210,7 +223,7 @@ def _completion_choice(req: CompletionRequest, tm, sub: SubRequest, st: ReqState
     delta, reason = st.text[sent.text:], finish_reason(st) if st.finished else None
     if not (delta or reason):
         return None
-    return {"index": sub.index, "text": delta, "logprobs": None, "finish_reason": reason,
+    return {"index": sub.index, "text": delta, "logprobs": None, "finish_reason": reason, **finish_note(st),
             **document_check(sub.params, st.text, st.finished)}
 
 
@@ -304,7 +317,7 @@ def chat_response(req: ChatCompletionRequest, tm, subs, states, rid, created, mo
         choices.append({
             "index": sub.index, "message": message,
             "logprobs": chat_logprobs(tm, st.output_logprobs, st.output_top_logprobs) if req.logprobs else None,
-            "finish_reason": reason,
+            "finish_reason": reason, **finish_note(st),
             **(check if check is not None else document_check(sub.params, st.text, st.finished)),
         })
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
@@ -339,7 +352,8 @@ def _chat_choice(req: ChatCompletionRequest, tm: TokenizerManager, sub: SubReque
         lps = chat_logprobs(tm, st.output_logprobs[sent.logprobs:], st.output_top_logprobs[sent.logprobs:])
     if not (delta or reason or lps):
         return None
-    return {"index": sub.index, "delta": delta, "logprobs": lps, "finish_reason": reason, **_final_check(req, sub, st)}
+    return {"index": sub.index, "delta": delta, "logprobs": lps, "finish_reason": reason, **finish_note(st),
+            **_final_check(req, sub, st)}
 
 
 def _chat_delta(req: ChatCompletionRequest, sub, st: ReqState, sent: _Sent) -> tuple[dict, str | None]:
@@ -372,8 +386,7 @@ def new_id(prefix: str) -> tuple[str, int]:
 
 # ---- running -------------------------------------------------------------------------------------
 async def final_states(tm: TokenizerManager, subs: list[SubRequest]) -> list[ReqState]:
-    return list(await asyncio.gather(*(tm.generate_final(s.ids, s.params, s.return_logprob, s.logprob_start_len,
-                                                         s.top_logprobs_num) for s in subs)))
+    return list(await asyncio.gather(*(s.final(tm) for s in subs)))
 
 
 @dataclass

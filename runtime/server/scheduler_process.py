@@ -85,10 +85,11 @@ class SchedulerProcess:
             logger.error("unknown message %r", type(msg))
 
     def due(self, req: Req) -> bool:
-        """Report finished requests, every first token (for time-to-first-token), and streamed
-        requests every stream_interval tokens; the rest wait for the end (less work per step for
-        the detokenizer and the HTTP process, which share the cores with the model)."""
-        if req.finished or len(req.output_ids) == 1 and req.grammar is None:
+        """Report finished requests, every first token (for time-to-first-token, and to tell the
+        HTTP process the request left the queue; a constrained one's is held back, see token_out),
+        and streamed requests every stream_interval tokens; the rest wait for the end (less work
+        per step for the detokenizer and the HTTP process, which share the cores with the model)."""
+        if req.finished or req.output_ids and self.sent.get(req.rid, [0])[0] == 0:
             return True
         interval = req.params.stream_interval or self.stream_interval
         return req.stream and len(req.output_ids) - self.sent.get(req.rid, [0])[0] >= interval
