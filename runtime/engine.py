@@ -164,7 +164,7 @@ class Engine:
         else:
             single = bool(input_ids) and isinstance(input_ids[0], int)
             ids_list = [list(input_ids)] if single else [list(x) for x in input_ids]
-        check_logprob_options(logprob_start_len, top_logprobs_num)
+        check_logprob_options(logprob_start_len, top_logprobs_num, self.core.limits.vocab_size)
         per_prompt = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(ids_list)
         if len(per_prompt) != len(ids_list):
             raise BadRequestError("sampling_params: a list must have one entry per prompt")

@@ -43,11 +43,12 @@ def check_fits(n_prompt: int, max_new_tokens: int, context_length: int, pool_siz
         raise BadRequestError(f"{field}: prompt + max_new_tokens needs {need} KV slots; the pool holds {pool_size}")
 
 
-def check_logprob_options(logprob_start_len, top_logprobs_num) -> None:
+def check_logprob_options(logprob_start_len, top_logprobs_num, vocab_size: int) -> None:
     if isinstance(logprob_start_len, bool) or not isinstance(logprob_start_len, int) or logprob_start_len < -1:
         raise BadRequestError(f"logprob_start_len: must be an int >= -1, got {logprob_start_len!r}")
-    if isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
-        raise BadRequestError(f"top_logprobs_num: must be an int >= 0, got {top_logprobs_num!r}")
+    if (isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num, int)
+            or not 0 <= top_logprobs_num <= vocab_size):
+        raise BadRequestError(f"top_logprobs_num: must be an int in [0, {vocab_size}], got {top_logprobs_num!r}")
 
 
 def sample_params(params: SamplingParams, j: int) -> SamplingParams:

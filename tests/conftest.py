@@ -142,8 +142,8 @@ class LiveServer:
         import signal
 
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=30)
+            self.proc.send_signal(signal.SIGTERM)  # drains: running requests get --shutdown-timeout (30 s)
+            self.proc.wait(timeout=60)
         self.log.close()
 
 

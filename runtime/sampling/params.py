@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass, field
 
 import regex
@@ -25,6 +26,15 @@ UNSUPPORTED = {
     "watermark": (lambda v: not v or isinstance(v, dict) and not v.get("enabled"), "watermarking is not supported"),
 }
 ALIASES = {"sampling_seed": "seed"}  # SGLang's name -> ours
+MAX_N = 128  # samples per prompt (OpenAI's limit; each is a request of its own)
+GREEDY_BELOW = 1e-5
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @functools.lru_cache(maxsize=256)
@@ -110,6 +120,8 @@ class SamplingParams:
             check_type(name, (int,))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
             check_type(name, (int, float))
+            if not _finite(getattr(self, name)):
+                bad(name, "must be a finite number")
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
                      "json_schema_strict"):
             check_type(name, (bool,))
@@ -125,22 +137,23 @@ class SamplingParams:
             bad("top_k", "must be -1 (disabled) or >= 1")
         if not 0 <= self.min_p <= 1:
             bad("min_p", "must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be > 0")
+        if not 0.01 <= self.repetition_penalty <= 100:
+            bad("repetition_penalty", "must be in [0.01, 100]")
         if not -2 <= self.frequency_penalty <= 2:
             bad("frequency_penalty", "must be in [-2, 2]")
         if not -2 <= self.presence_penalty <= 2:
             bad("presence_penalty", "must be in [-2, 2]")
-        if self.n < 1:
-            bad("n", "must be >= 1")
+        if not 1 <= self.n <= MAX_N:
+            bad("n", f"must be in [1, {MAX_N}]")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "must be a non-empty string or a list of them")
         if not isinstance(self.stop_token_ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
         ):
             bad("stop_token_ids", "must be a list of token ids")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            bad("seed", "must be an integer")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2**63 <= self.seed < 2**63):
+            bad("seed", "must be an integer in [-2**63, 2**63)")
         if not isinstance(self.stop_regex, list) or not all(isinstance(s, str) and s for s in self.stop_regex):
             bad("stop_regex", "must be a non-empty string or a list of them")
         for pattern in self.stop_regex:
@@ -156,14 +169,17 @@ class SamplingParams:
                 bad("stream_interval", "must be >= 1")
         if self.timeout is not None:
             check_type("timeout", (int, float))
-            if not 0 < self.timeout <= 1e7:
+            if not _finite(self.timeout) or not 0 < self.timeout <= 1e7:
                 bad("timeout", "must be > 0 seconds")
         if self.custom_params is not None and not isinstance(self.custom_params, dict):
             bad("custom_params", "must be an object")
         self._validate_grammar()
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Token ids that index the logits must exist (stop ids need not: they just never match)."""
+        """Token ids that index the logits must exist (stop ids need not: they just never match).
+        A top_k past the vocabulary keeps every token, as -1 does."""
+        if self.top_k >= vocab_size:
+            self.top_k = -1
         for t in self.logit_bias or {}:
             if t >= vocab_size:
                 raise BadRequestError(f"sampling_params.logit_bias: token id {t} is outside the vocabulary [0, {vocab_size})")
@@ -191,7 +207,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Temperatures below GREEDY_BELOW are greedy, as in SGLang (dividing by them overflows)."""
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     @property
     def constrained(self) -> bool:

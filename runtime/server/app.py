@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -152,10 +151,11 @@ async def finish(adm: Admission, coro):
 
 
 async def parse_body(request: Request, model):
+    """orjson: strict JSON (no NaN / Infinity, no lone surrogates, bounded depth), never a crash."""
     raw = await request.body()
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
         raise BadRequestError(f"the request body is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise BadRequestError("the request body must be a JSON object")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import signal
 import sys
@@ -109,7 +110,7 @@ async def _serve(args: ServerArgs, info, endpoints: Endpoints, model_name: str, 
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                     timeout_graceful_shutdown=ABORT_GRACE_S, access_log=args.access_log))
     server.drain = lambda: _drain(tm, server, args.shutdown_timeout)
-    watcher = asyncio.ensure_future(_watch(procs, tm, server))
+    watcher = asyncio.ensure_future(_watch(procs, tm, server, None))
     await server.serve()
     crashed = watcher.done()  # the watcher returns only once a child has died
     watcher.cancel()
@@ -134,10 +135,14 @@ async def _drain(tm: TokenizerManager, server: uvicorn.Server, timeout: float) -
     server.should_exit = True
 
 
-async def _watch(procs, tm: TokenizerManager, server: uvicorn.Server) -> None:
-    """Returns once a child has died, having failed every request and begun the shutdown."""
+async def _watch(procs, tm: TokenizerManager, server: "_Server", ppid: int | None) -> None:
+    """Returns once a child has died, having failed every request and begun the shutdown. With
+    --exit-with-parent, a parent that went away starts the drain, as SIGTERM would."""
     while True:
         await asyncio.sleep(WATCH_INTERVAL_S)
+        if ppid is not None and os.getppid() != ppid and server.draining is None:
+            logger.warning("the parent process exited: shutting down (--exit-with-parent)")
+            server.on_signal(signal.SIGTERM)
         for p in procs:
             if not p.is_alive():
                 reason = f"the {p.name} process exited unexpectedly (exit code {p.exitcode}); shutting down"

@@ -154,7 +154,7 @@ def expand(req: GenerateRequest, tm: TokenizerManager) -> tuple[list[SubRequest]
     for i, ids in enumerate(ids_list):
         params = SamplingParams.from_dict(sps[i])
         tm.check_ids(ids, params, "text" if req.text is not None else "input_ids")
-        check_logprob_options(starts[i], tops[i])
+        check_logprob_options(starts[i], tops[i], tm.limits.vocab_size)
         for j in range(params.n):
             p = params if params.n == 1 else sample_params(params, j)
             rid = rids[i] if params.n == 1 or rids[i] is None else f"{rids[i]}-{j}"

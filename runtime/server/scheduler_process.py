@@ -72,6 +72,10 @@ class SchedulerProcess:
             except BadRequestError as e:
                 self.send.send_pyobj(io.BatchTokenOut([self.error_out(msg.rid, str(e), 400)]))
                 return
+            except Exception as e:  # noqa: BLE001 - one bad request must not stop the scheduler
+                logger.exception("request %s could not be queued", msg.rid)
+                self.send.send_pyobj(io.BatchTokenOut([self.error_out(msg.rid, f"{type(e).__name__}: {e}", 500)]))
+                return
             self.sent[msg.rid] = [0, 0, 0]
         elif isinstance(msg, io.AbortReq):
             req = self.core.abort(msg.rid)
