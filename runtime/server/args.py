@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from arborlm.runtime.config import EngineArgs
 
 ENV_PREFIX = "ARBORLM_"
+ROUTERS = ("prefix", "round-robin", "pow2")
 
 
 @dataclass
@@ -39,6 +40,12 @@ class ServerArgs(EngineArgs):
     access_log: bool = True
     cors_allow_origins: str | None = None
     restart_on_failure: bool = False
+    exit_with_parent: bool = False
+    # scale-out on Ray Serve (docs/cluster.md): the `cluster` extra
+    replicas: int = 1
+    router: str = "prefix"
+    ray_address: str | None = None
+    replica_cpus: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -58,6 +65,12 @@ class ServerArgs(EngineArgs):
             raise ValueError(f"request_timeout must be > 0 seconds, got {self.request_timeout}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router: expected one of {ROUTERS}, got {self.router!r}")
+        if self.replica_cpus <= 0:
+            raise ValueError(f"replica_cpus must be > 0, got {self.replica_cpus}")
         if self.api_key_file is not None:
             if self.api_key is not None:
                 raise ValueError("api_key and api_key_file: give one, not both")
@@ -253,4 +266,12 @@ HELP = {
     "cors_allow_origins": "comma-separated origins allowed by CORS (`*` for any); unset: no CORS headers",
     "restart_on_failure": "when the scheduler or detokenizer process dies, restart the server instead of "
                           "exiting non-zero",
+    "exit_with_parent": "stop (draining) when the process that started this one exits; for supervisors "
+                        "that spawn servers, such as the Ray replicas",
+    "replicas": "more than 1: serve this many replicas behind one endpoint on Ray Serve (the `cluster` "
+                "extra; docs/cluster.md)",
+    "router": "with --replicas: prefix (requests sharing a prompt prefix go to the replica that has it "
+              "cached, load-aware), round-robin, or pow2 (Ray's power of two choices)",
+    "ray_address": "with --replicas: join this Ray cluster (`auto`: the local one) instead of starting Ray here",
+    "replica_cpus": "with --replicas: logical CPUs Ray reserves per replica (its torch threads follow)",
 }

@@ -39,6 +39,10 @@ ABORT_GRACE_S = 5.0  # after aborting, how long the last answers get to go out
 
 def main(argv: list[str] | None = None) -> None:
     args = ServerArgs.from_cli(argv)
+    if args.replicas > 1:  # Ray is imported only here: the single-server path never needs it
+        from arborlm.runtime.cluster.launch import serve_cluster
+
+        sys.exit(serve_cluster(args))
     restarts = 0
     while True:
         started = time.monotonic()
@@ -110,7 +114,7 @@ async def _serve(args: ServerArgs, info, endpoints: Endpoints, model_name: str, 
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                     timeout_graceful_shutdown=ABORT_GRACE_S, access_log=args.access_log))
     server.drain = lambda: _drain(tm, server, args.shutdown_timeout)
-    watcher = asyncio.ensure_future(_watch(procs, tm, server, None))
+    watcher = asyncio.ensure_future(_watch(procs, tm, server, os.getppid() if args.exit_with_parent else None))
     await server.serve()
     crashed = watcher.done()  # the watcher returns only once a child has died
     watcher.cancel()
