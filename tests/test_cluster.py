@@ -47,7 +47,7 @@ def wait_replicas(srv: LiveServer, n: int, other_than=(), timeout: float = 300) 
 def cluster(tmp_path_factory, real_model_dir):
     model = save_tiny_model(str(tmp_path_factory.mktemp("tiny-4k")), real_model_dir, max_position_embeddings=4096)
     srv = LiveServer("--model-path", model, "--dtype", "float32", "--max-total-tokens", "16384",
-                     "--replicas", "2", "--replica-cpus", "1",
+                     "--replicas", "2", "--replica-cpus", "1", "--router-imbalance", "4",
                      log_path=str(tmp_path_factory.mktemp("cluster") / "cluster.log"))
     try:
         wait_replicas(srv, 2)

@@ -45,7 +45,7 @@ class PrefixAffinityRouter(_Counting):
     """Sends a request to the replica that was sent the longest prefix of its prompt, unless the
     queues are imbalanced by more than `imbalance` requests (prefix_table.choose)."""
 
-    def initialize_state(self, imbalance: int = 4, capacity: int = 200_000, **kwargs):
+    def initialize_state(self, imbalance: int = 8, capacity: int = 200_000, **kwargs):
         super().initialize_state()
         self.table = PrefixTable(capacity)
         self.imbalance = imbalance

@@ -44,6 +44,7 @@ class ServerArgs(EngineArgs):
     # scale-out on Ray Serve (docs/cluster.md): the `cluster` extra
     replicas: int = 1
     router: str = "prefix"
+    router_imbalance: int = 8
     ray_address: str | None = None
     replica_cpus: float = 1.0
 
@@ -69,6 +70,8 @@ class ServerArgs(EngineArgs):
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if self.router not in ROUTERS:
             raise ValueError(f"router: expected one of {ROUTERS}, got {self.router!r}")
+        if self.router_imbalance < 0:
+            raise ValueError(f"router_imbalance must be >= 0, got {self.router_imbalance}")
         if self.replica_cpus <= 0:
             raise ValueError(f"replica_cpus must be > 0, got {self.replica_cpus}")
         if self.api_key_file is not None:
@@ -272,6 +275,8 @@ HELP = {
                 "extra; docs/cluster.md)",
     "router": "with --replicas: prefix (requests sharing a prompt prefix go to the replica that has it "
               "cached, load-aware), round-robin, or pow2 (Ray's power of two choices)",
+    "router_imbalance": "with --router prefix: when the replicas' requests in flight differ by more than this, "
+                        "the least loaded replica takes a request whatever its prefix",
     "ray_address": "with --replicas: join this Ray cluster (`auto`: the local one) instead of starting Ray here",
     "replica_cpus": "with --replicas: logical CPUs Ray reserves per replica (its torch threads follow)",
 }

@@ -170,8 +170,8 @@ class TokenizerManager:
         sts = adm.states
         firsts = [st.first_token_time for st in sts if st.first_token_time is not None]
         line = {
-            "id": adm.id or (sts[0].rid if sts else None), "route": adm.route, "client": adm.client, "status": status, "n": len(sts),
-            "priority": adm.priority,
+            "id": adm.id or (sts[0].rid if sts else None), "route": adm.route, "client": adm.client,
+            "status": status, "n": len(sts), "priority": adm.priority,
             "prompt_tokens": sum(st.prompt_tokens for st in sts),
             "output_tokens": sum(len(st.output_ids) for st in sts),
             "cached_tokens": sum(st.cached_tokens for st in sts),
