@@ -49,7 +49,7 @@ def test_waiting_raises_priority_so_nothing_starves():
     s = make(max_running=1, policy="priority")
     s.cfg.priority_aging_s = 1.0
     old = prio("old", 4, 0)
-    old.queued_at = time.perf_counter() - 3.5  # waited 3 aging periods: effective priority 3
+    old.created = time.perf_counter() - 3.5  # arrived 3 aging periods ago: effective priority 3
     s.add_request(old)
     s.add_request(prio("new", 4, 2))
     assert run_to_end(s) == ["old", "new"]
@@ -93,3 +93,15 @@ def test_memory_pressure_retracts_the_lowest_priority_first():
     assert s.stats.retractions >= 1
     assert hi.finish_time < lo.finish_time  # the high-priority request kept its place and ended first
     assert clean(s)
+
+
+def test_an_aged_running_request_is_no_longer_preempted():
+    s = make(max_running=1, policy="priority")
+    s.cfg.priority_aging_s = 1.0
+    low = prio("low", 4, 0, max_new=6)
+    low.created = time.perf_counter() - 10.5  # arrived long ago: effective priority 10
+    s.add_request(low)
+    step(s)
+    s.add_request(prio("high", 4, 9, max_new=2))
+    b, _ = step(s)
+    assert [r.rid for r in b.reqs] == ["low"] and s.stats.retractions == 0

@@ -11,6 +11,7 @@ Ray message per token. /health, /metrics, /flush_cache and /abort_request go to 
 
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ BATCH_S = 0.02  # a stream's bytes go back at most this often (the first chunk a
 START_TIMEOUT_S = 900
 PASS_HEADERS = ("content-type", "retry-after")
 BROADCAST_TIMEOUT_S = 10
+FAILED_MARK = "arborlm replica "  # "arborlm replica <id>: ..." in a replica's failure, for the retry
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Routed:
     path: str  # with the query string
     headers: list[tuple[str, str]]
     body: bytes
+    avoid: str | None = None  # a retry: the replica that failed first
 
 
 def routing_key(path: str, body: bytes) -> str | None:
@@ -74,13 +77,18 @@ def _free_port() -> int:
 class Replica:
     """One arborlm server (its own scheduler, KV pool and prefix cache) as a Serve replica."""
 
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], api_key: str | None):
         self.id = serve.get_replica_context().replica_id.unique_id
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "arborlm.runtime.launch_server", "--host", "127.0.0.1", "--port", str(port),
                "--exit-with-parent", *argv]
-        self.proc = subprocess.Popen(cmd)
+        # the child's settings are exactly argv: none of the cluster's ARBORLM_* variables (a
+        # `replicas` among them would start a cluster per replica); the key travels out of `ps`
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ARBORLM_")}
+        if api_key:
+            env["ARBORLM_API_KEY"] = api_key
+        self.proc = subprocess.Popen(cmd, env=env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
@@ -97,19 +105,27 @@ class Replica:
                                         limits=httpx.Limits(max_connections=4096, max_keepalive_connections=64))
 
     async def forward(self, req: Routed):
-        """First (status, headers, replica id), then the body in batched chunks."""
-        async with self.client.stream(req.method, req.path, headers=req.headers, content=req.body) as r:
-            yield r.status_code, [(k, v) for k, v in r.headers.items() if k.lower() in PASS_HEADERS], self.id
-            buf, last = bytearray(), 0.0
-            async for chunk in r.aiter_raw():
-                buf += chunk
-                now = time.monotonic()
-                if now - last >= BATCH_S:
-                    yield bytes(buf)
-                    buf.clear()
-                    last = now
-            if buf:
+        """First (status, headers, replica id), then the body in batched chunks. A server that
+        cannot be reached fails naming this replica, so the ingress's retry goes elsewhere."""
+        try:
+            async with self.client.stream(req.method, req.path, headers=req.headers, content=req.body) as r:
+                async for item in self._relay(r):
+                    yield item
+        except httpx.TransportError as e:
+            raise RuntimeError(f"{FAILED_MARK}{self.id}: its arborlm server is unreachable ({type(e).__name__})") from None
+
+    async def _relay(self, r: httpx.Response):
+        yield r.status_code, [(k, v) for k, v in r.headers.items() if k.lower() in PASS_HEADERS], self.id
+        buf, last = bytearray(), 0.0
+        async for chunk in r.aiter_raw():
+            buf += chunk
+            now = time.monotonic()
+            if now - last >= BATCH_S:
                 yield bytes(buf)
+                buf.clear()
+                last = now
+        if buf:
+            yield bytes(buf)
 
     async def call(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes = b"") -> tuple:
         """A whole small request (for the routes every replica answers): (replica, status, body)."""
@@ -127,10 +143,19 @@ class Replica:
             proc.terminate()
 
 
+def _failed_replica(e: BaseException, before: str | None) -> str | None:
+    """The replica a failure names (Replica.forward's message), if any."""
+    text = str(e)
+    i = text.find(FAILED_MARK)
+    return text[i + len(FAILED_MARK):].split(":", 1)[0] if i >= 0 else before
+
+
 def _headers(request: Request) -> list[tuple[str, str]]:
     return [(k, v) for k, v in request.headers.items() if k.lower() in ("authorization", "content-type", "accept")]
 
 
+# The ingress class is pickled by value into its replica, with the module globals defined above
+# it: its helpers must come before it.
 fapp = FastAPI(title="arborlm cluster", docs_url=None, redoc_url=None)
 
 
@@ -159,20 +184,23 @@ class Ingress:
     @fapp.get("/metrics")
     async def metrics(self, request: Request):
         """Every replica's series, each with a `replica` label (HELP/TYPE lines once)."""
-        lines, seen = [], set()
+        families: dict[str, list[str]] = {}  # family -> its lines, HELP/TYPE once, samples of every replica
+        family = ""
         for r in await self._each(request, "/metrics"):
             if isinstance(r, BaseException) or r[1] != 200:
                 continue
             for line in r[2].decode().splitlines():
-                if line.startswith("#"):
-                    if line not in seen:
-                        seen.add(line)
+                if line.startswith("# "):
+                    family = line.split()[2]
+                    lines = families.setdefault(family, [])
+                    if line not in lines:
                         lines.append(line)
                 elif line:
                     name, _, rest = line.partition("{")
-                    lines.append(f'{name}{{replica="{r[0]}",{rest}' if rest else
-                                 line.replace(" ", f'{{replica="{r[0]}"}} ', 1))
-        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+                    families.setdefault(family, []).append(
+                        f'{name}{{replica="{r[0]}",{rest}' if rest else line.replace(" ", f'{{replica="{r[0]}"}} ', 1))
+        text = "\n".join(line for lines in families.values() for line in lines)
+        return Response(text + "\n", media_type="text/plain; version=0.0.4")
 
     @fapp.api_route("/flush_cache", methods=["GET", "POST"])
     @fapp.post("/abort_request")
@@ -189,13 +217,14 @@ class Ingress:
         body = await request.body()
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         routed = Routed(routing_key(request.url.path, body), request.method, target, _headers(request), body)
-        for attempt in (1, 2):  # a replica that died before answering: once more, on another
+        for attempt in (1, 2):  # a replica that failed before answering: once more, another one first
             gen = self.replicas.options(stream=True).forward.remote(routed)
             try:
                 status, headers, replica = await gen.__anext__()
                 break
             except (RayError, httpx.HTTPError) as e:
                 logger.warning("replica failed before answering (attempt %d): %s", attempt, e)
+                routed.avoid = _failed_replica(e, routed.avoid)
                 if attempt == 2:
                     return JSONResponse({"error": {"message": f"no replica could serve the request: {type(e).__name__}",
                                                    "type": "service_unavailable", "param": None, "code": 503}},
@@ -207,6 +236,8 @@ class Ingress:
                     yield chunk
             except (RayError, httpx.HTTPError) as e:  # the replica died mid-answer: the body ends short
                 logger.warning("replica %s failed mid-answer: %s", replica, e)
+            finally:  # a client that left: the replica stops (and its server aborts the request)
+                gen.cancel()
 
         headers = dict(headers)
         headers["x-arborlm-replica"] = replica
@@ -221,7 +252,7 @@ def replica_argv(args) -> list[str]:
     from arborlm.runtime.server.args import ServerArgs
 
     skip = {"host", "port", "replicas", "router", "router_imbalance", "ray_address", "replica_cpus",
-            "restart_on_failure", "exit_with_parent", "api_key_file", "cors_allow_origins"}
+            "restart_on_failure", "exit_with_parent", "api_key", "api_key_file", "cors_allow_origins"}
     argv = []
     for f in dataclasses.fields(ServerArgs):
         value = getattr(args, f.name)
@@ -247,4 +278,4 @@ def build_app(args):
                                health_check_period_s=2, health_check_timeout_s=30)
     ingress = serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=100_000)
-    return ingress.bind(replica.bind(replica_argv(args)))
+    return ingress.bind(replica.bind(replica_argv(args), args.api_key))

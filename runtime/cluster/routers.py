@@ -22,13 +22,17 @@ class _Counting(RequestRouter):
 
     def initialize_state(self, **kwargs):
         self.inflight: dict[str, int] = defaultdict(int)
+        self.routed: dict[str, str] = {}  # internal request id -> replica, for the requests this router placed
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         self.inflight[replica_id.unique_id] += 1
+        self.routed[pending_request.metadata.internal_request_id] = replica_id.unique_id
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        rid = replica_id.unique_id
-        self.inflight[rid] = max(self.inflight[rid] - 1, 0)
+        """Also called for calls this router never placed (broadcasts): only ours count."""
+        rid = self.routed.pop(internal_request_id, None)
+        if rid is not None:
+            self.inflight[rid] = max(self.inflight[rid] - 1, 0)
 
     def on_replica_actor_died(self, replica_id: ReplicaID):
         super().on_replica_actor_died(replica_id)
@@ -39,6 +43,21 @@ def _key(pending_request: PendingRequest | None) -> str | None:
     if pending_request is None or not pending_request.args:
         return None
     return getattr(pending_request.args[0], "key", None)
+
+
+def _avoid(pending_request: PendingRequest | None) -> str | None:
+    """A retry names the replica that failed: it goes last."""
+    if pending_request is None or not pending_request.args:
+        return None
+    return getattr(pending_request.args[0], "avoid", None)
+
+
+def _last(ranks: list[list[RunningReplica]], avoid: str | None) -> list[list[RunningReplica]]:
+    if avoid is None:
+        return ranks
+    keep = [[r for r in rank if r.replica_id.unique_id != avoid] for rank in ranks]
+    bad = [r for rank in ranks for r in rank if r.replica_id.unique_id == avoid]
+    return [rank for rank in keep if rank] + ([bad] if bad else [])
 
 
 class PrefixAffinityRouter(_Counting):
@@ -56,7 +75,7 @@ class PrefixAffinityRouter(_Counting):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         loads = {rid: self.inflight[rid] for rid in by_id}
         ranks = choose(self.table, _key(pending_request), loads, self.imbalance)
-        return [[by_id[rid] for rid in rank] for rank in ranks]
+        return _last([[by_id[rid] for rid in rank] for rank in ranks], _avoid(pending_request))
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         super().on_request_routed(pending_request, replica_id, result)
@@ -80,7 +99,7 @@ class RoundRobinRouter(_Counting):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         i = next(self.turn) % len(ordered)
-        return [[r] for r in ordered[i:] + ordered[:i]]
+        return _last([[r] for r in ordered[i:] + ordered[:i]], _avoid(pending_request))
 
 
 ROUTER_CLASSES = {

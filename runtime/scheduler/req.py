@@ -49,7 +49,6 @@ class Req:
     grammar: Any = None  # constrained decoding: the request's Matcher, set once its grammar compiled
     grammar_future: Any = None  # the compile in flight (a Future of the Grammar)
     created: float = field(default_factory=time.perf_counter)
-    queued_at: float = field(default_factory=time.perf_counter)  # last (re)entry to the waiting queue
     finish_time: float | None = None
 
     def __post_init__(self):

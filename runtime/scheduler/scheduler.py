@@ -112,19 +112,21 @@ class Scheduler:
         return -req.priority if self.cfg.low_priority_first else req.priority
 
     def effective_priority(self, req: Req, now: float) -> int:
-        """The priority admission compares: the request's own, plus one for every aging period it
-        has waited since it (re)entered the queue, so a low priority is never starved."""
-        return self.static_priority(req) + int((now - req.queued_at) / self.cfg.priority_aging_s)
+        """The request's own priority plus one for every aging period since it arrived (kept
+        across retractions), so a low priority is never starved: it rises in the queue, and a
+        running request aged past a newcomer's priority can no longer be preempted by it."""
+        return self.static_priority(req) + int((now - req.created) / self.cfg.priority_aging_s)
 
     def _preempt(self) -> None:
-        """Under the priority policy: when the highest-priority waiting request cannot be admitted
-        (no free row, or not enough KV), retract the lowest-priority running request if its own
-        priority is lower. One per step, and only on the requests' own priorities (not aging),
-        so two requests never take turns retracting each other."""
+        """Under the priority policy: when the waiting request with the highest own priority
+        cannot be admitted (no free row, or not enough KV), retract the running request with the
+        lowest effective priority if that is below the newcomer's own. One per step. Two
+        requests never take turns: the retracted one's own priority is below the newcomer's,
+        whose effective priority only grows."""
         now = time.perf_counter()
-        head = max(self.waiting, key=lambda r: self.effective_priority(r, now))
-        victim = min(reversed(self.running), key=lambda r: (self.static_priority(r), len(r.output_ids)))
-        if self.static_priority(victim) >= self.static_priority(head):
+        head = max(self.waiting, key=self.static_priority)
+        victim = min(reversed(self.running), key=lambda r: (self.effective_priority(r, now), len(r.output_ids)))
+        if self.effective_priority(victim, now) >= self.static_priority(head):
             return
         full = len(self.running) >= self.max_running or self.req_pool.available() == 0
         room = self.kv_pool.available() + self.tree.evictable_size - sum(self._future_need(r) for r in self.running)
@@ -276,7 +278,6 @@ class Scheduler:
 
     def _retract(self, victim: Req) -> None:
         self._free_kv(victim)
-        victim.queued_at = time.perf_counter()
         victim.status = Status.WAITING
         self.running.remove(victim)
         self.waiting.appendleft(victim)

@@ -168,7 +168,12 @@ def settings(cls, given: dict, environ, config: str | None) -> dict:
             return init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=file_values)
 
     try:
-        return create_model("Settings", __base__=Base, **fields)(**given).model_dump()
+        values = create_model("Settings", __base__=Base, **fields)(**given).model_dump()
+        # the key and the key file are one setting: the one from the higher source wins
+        for name, other in (("api_key", "api_key_file"), ("api_key_file", "api_key")):
+            if name in given and other not in given:
+                values[other] = None
+        return values
     except ValidationError as e:
         err = e.errors()[0]
         name = str(err["loc"][0]) if err["loc"] else "settings"

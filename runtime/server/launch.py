@@ -127,7 +127,7 @@ async def _drain(tm: TokenizerManager, server: uvicorn.Server, timeout: float) -
     tm.draining = True
     logger.info("draining: %d requests in flight, up to %g s", len(tm.states), timeout)
     deadline = time.monotonic() + timeout
-    while tm.states and time.monotonic() < deadline:
+    while (tm.states or tm.reserved) and time.monotonic() < deadline:  # reserved: admitted, not yet sent
         await asyncio.sleep(DRAIN_POLL_S)
     if tm.states:
         logger.warning("shutdown timeout: aborting %d requests", len(tm.states))
