@@ -248,15 +248,6 @@ def raw_bytes(draw) -> bytes:
         st.sampled_from([b",", b"}", b"\x00", b"\xff", b" x", b"]"]))
 
 
-def _as_int(v) -> int | None:
-    """v as the int the server reads (pydantic takes an integral float for an int field), or None."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    return v if isinstance(v, int) else None
-
-
 # ---- checks -------------------------------------------------------------------------------------
 def check_answer(r: httpx.Response) -> None:
     """< 500; a 4xx is an OpenAI-style error; a 200 is JSON or a stream that ends in [DONE]."""
@@ -298,30 +289,26 @@ FUZZ = dict(deadline=None, database=None, phases=[Phase.explicit, Phase.generate
                                    HealthCheck.large_base_example])
 
 
-def _fuzz(http, srv, path, body, ascii_json):
-    post(http, srv, path, body, ascii_json)
-
-
 # ---- the fuzz -----------------------------------------------------------------------------------
 @seed(SEED)
 @settings(max_examples=300, **FUZZ)
 @given(body=mutated(generate_body(), GEN), ascii_json=st.booleans())
 def test_fuzz_generate(http, fuzz_server, body, ascii_json):
-    _fuzz(http, fuzz_server, GEN, body, ascii_json)
+    post(http, fuzz_server, GEN, body, ascii_json)
 
 
 @seed(SEED)
 @settings(max_examples=200, **FUZZ)
 @given(body=mutated(completion_body(), CMPL), ascii_json=st.booleans())
 def test_fuzz_completions(http, fuzz_server, body, ascii_json):
-    _fuzz(http, fuzz_server, CMPL, body, ascii_json)
+    post(http, fuzz_server, CMPL, body, ascii_json)
 
 
 @seed(SEED)
 @settings(max_examples=200, **FUZZ)
 @given(body=mutated(chat_body(), CHAT), ascii_json=st.booleans())
 def test_fuzz_chat(http, fuzz_server, body, ascii_json):
-    _fuzz(http, fuzz_server, CHAT, body, ascii_json)
+    post(http, fuzz_server, CHAT, body, ascii_json)
 
 
 @seed(SEED)
@@ -370,7 +357,7 @@ def one_field(draw) -> tuple[str, dict]:
 @settings(max_examples=400, **FUZZ)
 @given(case=one_field())
 def test_fuzz_one_field(http, fuzz_server, case):
-    _fuzz(http, fuzz_server, *case, True)
+    post(http, fuzz_server, *case, True)
 
 
 # ---- bodies this fuzz found to break the server: now each a clear 4xx -----------------------------
