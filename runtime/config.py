@@ -36,6 +36,9 @@ class EngineArgs:
     # fp16, off for float32 (the reference precision runs eagerly, as transformers does).
     compile_decode: bool | None = None
     compile_in_background: bool = True  # decode eagerly while a bucket's graph compiles
+    # Compile the decode graphs for batch sizes up to this before serving, as SGLang captures its
+    # CUDA graphs at start-up; larger batches compile on first use. 0: all on first use.
+    warmup_decode_bs: int = 0
     grammar_backend: str = "xgrammar"  # xgrammar | outlines (docs/benchmarks.md: why xgrammar)
     enable_jump_forward: bool = True  # append a grammar's forced strings without a decode step each
     # Where a JSON output (json_schema, json_object) is steered to close rather than loop to
@@ -50,6 +53,8 @@ class EngineArgs:
             raise ValueError(f"quantization: expected one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.warmup_decode_bs < 0:
+            raise ValueError(f"warmup_decode_bs: expected a batch size >= 0, got {self.warmup_decode_bs}")
         if self.attention_backend not in ("auto", "cpu", "torch", "triton"):
             raise ValueError(f"attention_backend: expected auto, cpu, torch or triton, got {self.attention_backend!r}")
         from arborlm.runtime.scheduler.policy import POLICIES

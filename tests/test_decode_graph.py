@@ -67,3 +67,52 @@ def test_background_compiles_go_past_dynamos_default_limit(tiny_model_dir):
             graphs.available(b)
             graphs.wait(timeout=300)
         assert not graphs.failed and set(BUCKETS[:10]) <= graphs.ready
+
+
+def test_a_cut_short_kernel_is_detected(tmp_path):
+    """A compiled kernel left empty or truncated by a killed compile is told from a whole one."""
+    import os
+
+    from arborlm.runtime.model.decode_graph import broken_object
+
+    whole = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
+    data = open(whole, "rb").read()
+    (tmp_path / "empty.so").write_bytes(b"")
+    (tmp_path / "text.so").write_bytes(b"not an ELF file" * 10)
+    (tmp_path / "cut.so").write_bytes(data[: len(data) // 2])
+    (tmp_path / "whole.so").write_bytes(data)
+    assert [broken_object(str(tmp_path / f"{n}.so")) for n in ("empty", "text", "cut", "whole")] == [True, True, True, False]
+
+
+def test_warm_up_compiles_before_serving_and_recovers_a_cut_short_kernel(tiny_model_dir, tmp_path):
+    """--warmup-decode-bs compiles the buckets of batches up to it before the first request. A load
+    that fails on a cut-short kernel (Inductor reuses any file at the kernel's path) deletes that
+    file and compiles once more, instead of leaving the bucket eager in every later process."""
+    with Engine(tiny_model_dir, dtype="float32", max_total_tokens=2048, compile_decode=True,
+                warmup_decode_bs=2) as eng:
+        graphs = eng.runner.decode_graphs
+        assert graphs.ready == {1, 2} and not graphs.compiling and not graphs.failed
+        assert graphs.state() == {"ready": [1, 2], "compiling": [], "failed": []}
+
+        cut = tmp_path / "kernel.main.so"
+        cut.write_bytes(b"")
+        calls = []
+
+        def compiled(*args):
+            calls.append(len(args[0]))
+            if len(calls) == 1:
+                raise ImportError(f"{cut}: file too short")
+
+        graphs.compiled = compiled
+        graphs.available(16)
+        graphs.wait(timeout=60)
+        assert calls == [16, 16] and not cut.exists()
+        assert 16 in graphs.ready and not graphs.failed
+
+        def fails(*args):
+            raise ImportError(f"{tmp_path / 'missing.so'}: cannot open shared object file")
+
+        graphs.compiled = fails  # any other failure leaves the bucket eager, once
+        graphs.available(24)
+        graphs.wait(timeout=60)
+        assert "ImportError" in graphs.failed[24] and 24 not in graphs.ready

@@ -8,7 +8,8 @@ graph depends on the batch size alone and never recompiles as contexts grow. A b
 up to its bucket; pad rows repeat row 0 and write their K/V to the padding slot 0.
 
 Compiling is slow on 2 cores, so a bucket is compiled on a background thread the first time it
-is needed and decode runs eagerly until it is ready. Inductor's on-disk caches (kept under the
+is needed and decode runs eagerly until it is ready; --warmup-decode-bs compiles the small ones
+before serving instead. Inductor's on-disk caches (kept under the
 arborlm cache) make a restart's compile a cache hit.
 """
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import struct
 import threading
 import time
 
@@ -41,6 +44,36 @@ def _configure_inductor() -> None:
     # (measured: +550 MB of RSS per batched bucket on the 135M model).
     inductor.freezing = False
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(BUCKETS))
+
+
+def broken_object(path: str) -> bool:
+    """Whether a compiled kernel (.so) is cut short: empty, not ELF, or missing the section headers
+    an ELF file keeps at its end."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:  # 2: a 64-bit ELF
+        return True
+    order = "<" if head[5] == 1 else ">"
+    (shoff,) = struct.unpack_from(order + "Q", head, 0x28)
+    shentsize, shnum = struct.unpack_from(order + "HH", head, 0x3A)
+    return shoff + shentsize * shnum > size
+
+
+def remove_broken_object(error: BaseException) -> str | None:
+    """Delete the cut-short kernel a failed load names, so the next compile rebuilds it.
+
+    Inductor writes a kernel's .so in place and reuses any file at that path. A process killed while
+    compiling (a server stopped during its first requests) can leave it empty, and every later
+    process then fails that batch size's graph ("file too short") and decodes eagerly for good."""
+    for path in re.findall(r"(/[^\s:'\"]+\.so)\b", str(error)):
+        if os.path.isfile(path) and broken_object(path):
+            os.remove(path)
+            return path
+    return None
 
 
 class DecodeGraphs:
@@ -79,6 +112,20 @@ class DecodeGraphs:
         self._warm(b)
         return b in self.ready
 
+    def warm_up(self, max_bs: int) -> None:
+        """Compile every bucket a batch of up to max_bs rows uses, here and now (before serving:
+        a compile on the serving process holds the GIL for seconds at a time and slows every step)."""
+        top = bucket_for(max_bs) or BUCKETS[-1]
+        for b in BUCKETS:
+            if max_bs <= 0 or b > top:
+                break
+            if b not in self.ready and b not in self.failed:
+                self.compiling.add(b)
+                self._warm(b)
+
+    def state(self) -> dict:
+        return {"ready": sorted(self.ready), "compiling": sorted(self.compiling), "failed": sorted(self.failed)}
+
     def wait(self, timeout: float | None = None) -> None:
         """Block until no bucket is compiling (tests, benchmarks)."""
         t0 = time.monotonic()
@@ -88,23 +135,36 @@ class DecodeGraphs:
     def _warm(self, b: int) -> None:
         t0 = time.perf_counter()
         try:
-            # Dynamo's settings are per thread: this (compile) thread needs the bucket count's limit.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(BUCKETS))
-            with torch.inference_mode():
-                # Distinct inference tensors, as __call__ passes (guards cover aliasing and dispatch keys).
-                # Writes only to the padding slot 0; reads slot table[0, 0].
-                ids, pos, slots, rows = (torch.zeros(b, dtype=torch.int64) for _ in range(4))
-                self.compiled(ids, pos, slots, self.kv_pool.k_buffer, self.kv_pool.v_buffer, self.req_to_token,
-                              rows, torch.ones(b, dtype=torch.int64), torch.zeros((), dtype=torch.int64))
-            self.compile_seconds[b] = time.perf_counter() - t0
-            self.ready.add(b)
-            logger.info("decode graph for batch %d ready in %.1fs", b, self.compile_seconds[b])
-        except Exception as e:  # noqa: BLE001  a graph that cannot compile leaves that bucket eager
-            self.failed[b] = f"{type(e).__name__}: {e}"
-            if "interpreter shutdown" not in str(e):  # a process exiting mid-compile: expected, not news
-                logger.warning("decode graph for batch %d failed to compile, staying eager: %s", b, self.failed[b])
+            for attempt in (1, 2):
+                try:
+                    self._compile(b)
+                except Exception as e:  # noqa: BLE001  a graph that cannot compile leaves that bucket eager
+                    removed = remove_broken_object(e) if attempt == 1 else None
+                    if removed:
+                        logger.warning("decode graph for batch %d: removed a cut-short compiled kernel %s; "
+                                       "compiling again", b, removed)
+                        continue
+                    self.failed[b] = f"{type(e).__name__}: {e}"
+                    if "interpreter shutdown" not in str(e):  # a process exiting mid-compile: expected, not news
+                        logger.warning("decode graph for batch %d failed to compile, staying eager: %s",
+                                       b, self.failed[b])
+                    return
+                self.compile_seconds[b] = time.perf_counter() - t0
+                self.ready.add(b)
+                logger.info("decode graph for batch %d ready in %.1fs", b, self.compile_seconds[b])
+                return
         finally:
             self.compiling.discard(b)
+
+    def _compile(self, b: int) -> None:
+        # Dynamo's settings are per thread: this (compile) thread needs the bucket count's limit.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(BUCKETS))
+        with torch.inference_mode():
+            # Distinct inference tensors, as __call__ passes (guards cover aliasing and dispatch keys).
+            # Writes only to the padding slot 0; reads slot table[0, 0].
+            ids, pos, slots, rows = (torch.zeros(b, dtype=torch.int64) for _ in range(4))
+            self.compiled(ids, pos, slots, self.kv_pool.k_buffer, self.kv_pool.v_buffer, self.req_to_token,
+                          rows, torch.ones(b, dtype=torch.int64), torch.zeros((), dtype=torch.int64))
 
     def __call__(self, input_ids, positions, out_slots, rows, seq_lens, prefix_len: int) -> torch.Tensor:
         n = input_ids.numel()

@@ -248,6 +248,7 @@ HELP = {
                     "dtype and CPU",
     "compile_decode": "decode steps as torch.compile'd graphs; unset: on for bf16/fp16, off for float32",
     "compile_in_background": "decode eagerly while a batch size's graph compiles",
+    "warmup_decode_bs": "compile the decode graphs for batch sizes up to this before serving (0: each on first use)",
     "grammar_backend": "constrained decoding: xgrammar or outlines",
     "enable_jump_forward": "append a grammar's forced text without a decode step per token",
     "json_max_string_length": "a JSON output's strings are steered to close after this many characters "

@@ -141,6 +141,8 @@ class SchedulerProcess:
         c["generated_tokens"] = self.generated_tokens
         c["free_request_rows"] = self.core.runner.req_pool.available()
         c["max_running_requests"] = self.core.runner.req_pool.max_requests
+        graphs = self.core.runner.decode_graphs
+        c["decode_graphs"] = graphs.state() if graphs is not None else None
         return c
 
 
