@@ -115,11 +115,44 @@ def test_streaming_through_the_ingress(cluster):
     assert metrics.count('sglang:num_requests_total{replica="') == 2
 
 
+async def _streams_while_killing(url: str, texts: list[str], victim: int) -> list[list[str]]:
+    """Stream each text (long answers), kill the victim process once every stream has begun."""
+    started = [asyncio.Event() for _ in texts]
+
+    async def stream(c, text, ev):
+        lines = []
+        body = {"text": text, "stream": True,
+                "sampling_params": {"max_new_tokens": 3000, "temperature": 0, "ignore_eos": True}}
+        async with c.stream("POST", "/generate", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    ev.set()
+        return lines
+
+    async def killer():
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
+        os.kill(victim, signal.SIGKILL)
+
+    async with httpx.AsyncClient(base_url=url, timeout=180) as c:
+        *out, _ = await asyncio.gather(*(stream(c, t, e) for t, e in zip(texts, started)), killer())
+    return out
+
+
 def test_a_killed_replica_is_restarted(cluster):
+    """Two long streams on the two replicas; one replica's server is killed: its stream ends with
+    an error event and [DONE] (as a failed stream of one server does), the other completes; the
+    other replica serves meanwhile, and Serve replaces the dead one."""
     before = wait_replicas(cluster, 2)
     servers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_replica_server(int(p))]
     assert len(servers) == 2
-    os.kill(servers[0], signal.SIGKILL)
+    texts = [PREFIXES[0] + "A long answer.", PREFIXES[3] + "Another long answer."]  # new prefixes spread
+    streams = asyncio.run(_streams_while_killing(cluster.url, texts, servers[0]))
+    assert all(s[-1] == "data: [DONE]" for s in streams)
+    errors = [json.loads(s[-2][6:])["error"] for s in streams if "error" in json.loads(s[-2][6:])]
+    assert len(errors) == 1 and errors[0]["code"] == "unavailable" and "mid-stream" in errors[0]["message"]
+    whole = [s for s in streams if "error" not in json.loads(s[-2][6:])]
+    assert json.loads(whole[0][-2][6:])["meta_info"]["completion_tokens"] == 3000
     # meanwhile the other replica serves
     assert gen(cluster, "still here?").status_code == 200
     after = wait_replicas(cluster, 2, other_than=(), timeout=300)

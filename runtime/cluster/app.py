@@ -25,6 +25,8 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
+from arborlm.runtime.server.errors import error_body
+
 logger = logging.getLogger("arborlm.cluster")
 
 BATCH_S = 0.02  # a stream's bytes go back at most this often (the first chunk at once)
@@ -150,6 +152,10 @@ def _failed_replica(e: BaseException, before: str | None) -> str | None:
     return text[i + len(FAILED_MARK):].split(":", 1)[0] if i >= 0 else before
 
 
+def _sse_error(message: str) -> bytes:
+    return b"data: " + json.dumps(error_body(503, message, code="unavailable")).encode() + b"\n\n"
+
+
 def _headers(request: Request) -> list[tuple[str, str]]:
     return [(k, v) for k, v in request.headers.items() if k.lower() in ("authorization", "content-type", "accept")]
 
@@ -226,16 +232,22 @@ class Ingress:
                 logger.warning("replica failed before answering (attempt %d): %s", attempt, e)
                 routed.avoid = _failed_replica(e, routed.avoid)
                 if attempt == 2:
-                    return JSONResponse({"error": {"message": f"no replica could serve the request: {type(e).__name__}",
-                                                   "type": "service_unavailable", "param": None, "code": 503}},
-                                        status_code=503)
+                    return JSONResponse(error_body(503, f"no replica could serve the request: {type(e).__name__}",
+                                                   code="unavailable"), status_code=503)
+
+        events = any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in headers)
 
         async def chunks():
+            tail = b"\n\n"
             try:
                 async for chunk in gen:
+                    tail = chunk[-2:] or tail
                     yield chunk
             except (RayError, httpx.HTTPError) as e:  # the replica died mid-answer: the body ends short
                 logger.warning("replica %s failed mid-answer: %s", replica, e)
+                if events:  # as one server ends a failed stream: an error event, then [DONE]
+                    msg = f"replica {replica} failed mid-stream; the answer is incomplete ({type(e).__name__})"
+                    yield (b"" if tail == b"\n\n" else b"\n\n") + _sse_error(msg) + b"data: [DONE]\n\n"
             finally:  # a client that left: the replica stops (and its server aborts the request)
                 gen.cancel()
 
