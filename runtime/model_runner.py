@@ -54,6 +54,9 @@ class ModelRunner:
             self.decode_graphs = DecodeGraphs(self.model, self.kv_pool, self.req_pool.table,
                                               background=args.compile_in_background)
             self.decode_graphs.warm_up(min(args.warmup_decode_bs, args.max_running_requests))
+        elif args.warmup_decode_bs:
+            logger.warning("warmup_decode_bs=%d has nothing to warm: decode is not compiled (%s)",
+                           args.warmup_decode_bs, self.plan.describe())
         logger.info("model loaded in %.1fs; KV pool %d tokens; %s", time.perf_counter() - t0, size, self.plan.describe())
 
     def make_sampler(self, eos_ids: set[int]) -> Sampler:

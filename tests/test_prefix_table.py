@@ -36,4 +36,7 @@ def test_choose_prefers_the_cache_then_balance():
     assert choose(t, PREFIXES[0] + "Q", {"A": 2, "B": 0}, imbalance=4)[0] == ["A"]  # cached, load close enough
     assert choose(t, PREFIXES[0] + "Q", {"A": 6, "B": 0}, imbalance=4)[0] == ["B"]  # imbalanced: least loaded
     assert choose(t, PREFIXES[1] + "Q", {"A": 0, "B": 0}, imbalance=4)[0] == ["B"]  # new prefix: fewest tenants
+    assert choose(t, PREFIXES[1] + "Q", {"A": 0, "B": 3}, imbalance=4)[0] == ["B"]  # even when busier, within bounds
+    t.insert(PREFIXES[1], "B")
+    assert choose(t, PREFIXES[2] + "Q", {"A": 3, "B": 2}, imbalance=4)[0] == ["B"]  # equal shares: least loaded
     assert choose(t, None, {"A": 1, "B": 0}, imbalance=4) == [["B"], ["A"]]

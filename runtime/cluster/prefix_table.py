@@ -72,8 +72,9 @@ def choose(table: PrefixTable, text: str | None, loads: dict[str, int], imbalanc
     is not full, then the next group):
     - queues imbalanced by more than `imbalance` requests: least loaded first (the cache can wait);
     - else the replicas holding the longest prefix of the text (at least min_blocks blocks);
-    - else, a new prefix: the replica with the fewest prefixes among the least loaded, so the
-      prefixes spread over the replicas and each replica's cache keeps its own share.
+    - else, a new prefix: the replica holding the least of the table (as SGLang's cache-aware
+      router picks the smallest tree), load breaking ties, so the prefixes spread evenly over the
+      replicas' caches (the load is already within `imbalance`).
     The rest follow, least loaded first."""
     names = sorted(loads)
     by_load = sorted(names, key=lambda r: (loads[r], table.tenants.get(r, 0), r))
@@ -84,6 +85,5 @@ def choose(table: PrefixTable, text: str | None, loads: dict[str, int], imbalanc
     if best >= min_blocks:
         first = [r for r in names if matched[r] == best]
     else:
-        low = min(loads.values())
-        first = [min((r for r in names if loads[r] == low), key=lambda r: (table.tenants.get(r, 0), r))]
+        first = [min(names, key=lambda r: (table.tenants.get(r, 0), loads[r], r))]
     return [first] + [[r] for r in by_load if r not in first]

@@ -9,8 +9,8 @@ up to its bucket; pad rows repeat row 0 and write their K/V to the padding slot 
 
 Compiling is slow on 2 cores, so a bucket is compiled on a background thread the first time it
 is needed and decode runs eagerly until it is ready; --warmup-decode-bs compiles the small ones
-before serving instead. Inductor's on-disk caches (kept under the
-arborlm cache) make a restart's compile a cache hit.
+before serving instead. Inductor's on-disk caches (kept under the arborlm cache) make a
+restart's compile a cache hit.
 """
 
 from __future__ import annotations
