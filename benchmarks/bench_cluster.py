@@ -126,15 +126,15 @@ def main() -> None:
         "prefix": (["--replicas", "2", "--router", "prefix", *extra], mixed),
         "round-robin": (["--replicas", "2", "--router", "round-robin", *extra], mixed),
         "single": (extra, mixed),
-        "prefix, one document": (["--replicas", "2", "--router", "prefix", *extra], single),
-        "single, one document": (extra, single),
+        "prefix one-doc": (["--replicas", "2", "--router", "prefix", *extra], single),
+        "single one-doc": (extra, single),
     }
     if args.arms != "all":
         arms = {n: arms[n] for n in args.arms.split(",")}
     results: dict[str, list[dict]] = {name: [] for name in arms}
     for rnd in range(args.rounds):
         for name, (flags, prompts) in arms.items():
-            r = run_arm(name.replace(", ", "_").replace(" ", "_"), flags, prompts, args.concurrency, f"warm {rnd}")
+            r = run_arm(name.replace(" ", "_"), flags, prompts, args.concurrency, f"warm {rnd}")
             results[name].append(r)
             print(f"round {rnd + 1} {name:>22}: {r['rps']:.2f} req/s, TTFT p50 {r['ttft_p50'] * 1000:.0f} ms, "
                   f"p99 {r['ttft_p99'] * 1000:.0f} ms, cached share {r['cached_share']:.2f}", flush=True)
@@ -148,7 +148,7 @@ def main() -> None:
         print(f"  prefix / round-robin throughput: {med['prefix']['rps'] / med['round-robin']['rps']:.2f}x "
               f"(target >= 1.5); cached share {med['prefix']['cached_share']:.2f} vs {med['round-robin']['cached_share']:.2f} "
               f"(target >= 0.85)")
-    if "prefix, one document" in med and "single, one document" in med:
+    if "prefix one-doc" in med and "single one-doc" in med:
         print(f"  Ray path / single server, one document: "
               f"{med['prefix, one document']['rps'] / med['single, one document']['rps']:.2f}x (target >= 0.85)")
     if "prefix" in med and "single" in med:
