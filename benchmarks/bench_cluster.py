@@ -150,7 +150,7 @@ def main() -> None:
               f"(target >= 0.85)")
     if "prefix one-doc" in med and "single one-doc" in med:
         print(f"  Ray path / single server, one document: "
-              f"{med['prefix, one document']['rps'] / med['single, one document']['rps']:.2f}x (target >= 0.85)")
+              f"{med['prefix one-doc']['rps'] / med['single one-doc']['rps']:.2f}x (target >= 0.85)")
     if "prefix" in med and "single" in med:
         print(f"  mixed: 2 replicas (prefix) / single server {med['prefix']['rps'] / med['single']['rps']:.2f}x")
 
