@@ -40,3 +40,12 @@ def test_choose_prefers_the_cache_then_balance():
     t.insert(PREFIXES[1], "B")
     assert choose(t, PREFIXES[2] + "Q", {"A": 3, "B": 2}, imbalance=4)[0] == ["B"]  # equal shares: least loaded
     assert choose(t, None, {"A": 1, "B": 0}, imbalance=4) == [["B"], ["A"]]
+
+
+def test_replicas_sharing_a_prefix_rank_by_load():
+    """A prefix cached on both: the less loaded one goes first, alone in its group."""
+    t = PrefixTable()
+    t.insert(PREFIXES[0], "A")
+    t.insert(PREFIXES[0], "B")
+    assert choose(t, PREFIXES[0] + "Q", {"A": 3, "B": 1}, imbalance=8) == [["B"], ["A"]]
+    assert choose(t, PREFIXES[0] + "Q", {"A": 0, "B": 1}, imbalance=8) == [["A"], ["B"]]

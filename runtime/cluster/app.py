@@ -22,7 +22,6 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
 from arborlm.runtime.server.errors import error_body
@@ -228,7 +227,7 @@ class Ingress:
             try:
                 status, headers, replica = await gen.__anext__()
                 break
-            except (RayError, httpx.HTTPError) as e:
+            except Exception as e:  # noqa: BLE001 - Ray's errors, or (over gRPC) the replica's own
                 logger.warning("replica failed before answering (attempt %d): %s", attempt, e)
                 routed.avoid = _failed_replica(e, routed.avoid)
                 if attempt == 2:
@@ -243,7 +242,7 @@ class Ingress:
                 async for chunk in gen:
                     tail = chunk[-2:] or tail
                     yield chunk
-            except (RayError, httpx.HTTPError) as e:  # the replica died mid-answer: the body ends short
+            except Exception as e:  # noqa: BLE001 - the replica died mid-answer: the body ends short
                 logger.warning("replica %s failed mid-answer: %s", replica, e)
                 if events:  # as one server ends a failed stream: an error event, then [DONE]
                     msg = f"replica {replica} failed mid-stream; the answer is incomplete ({type(e).__name__})"

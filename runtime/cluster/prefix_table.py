@@ -68,10 +68,11 @@ class PrefixTable:
 
 def choose(table: PrefixTable, text: str | None, loads: dict[str, int], imbalance: int,
            min_blocks: int = 1) -> list[list[str]]:
-    """Ranked replica groups for a request (best first; Ray takes the least loaded of a group that
-    is not full, then the next group):
+    """Ranked replicas for a request, best first, one per group (Ray tries each group in turn; a
+    group of several would leave the pick to Ray's cached queue lengths, staler than `loads`):
     - queues imbalanced by more than `imbalance` requests: least loaded first (the cache can wait);
-    - else the replicas holding the longest prefix of the text (at least min_blocks blocks);
+    - else the replicas holding the longest prefix of the text (at least min_blocks blocks),
+      least loaded first;
     - else, a new prefix: the replica holding the least of the table (as SGLang's cache-aware
       router picks the smallest tree), load breaking ties, so the prefixes spread evenly over the
       replicas' caches (the load is already within `imbalance`).
@@ -83,7 +84,7 @@ def choose(table: PrefixTable, text: str | None, loads: dict[str, int], imbalanc
     matched = table.match(text, names)
     best = max(matched.values())
     if best >= min_blocks:
-        first = [r for r in names if matched[r] == best]
+        first = [r for r in by_load if matched[r] == best]
     else:
         first = [min(names, key=lambda r: (table.tenants.get(r, 0), loads[r], r))]
-    return [first] + [[r] for r in by_load if r not in first]
+    return [[r] for r in first] + [[r] for r in by_load if r not in first]
