@@ -3,11 +3,14 @@
 
 Workload (issue 17): --prefixes distinct ~800-token documents x --per-prefix short questions each,
 arrival randomly interleaved, --concurrency requests in flight, 16 new tokens each (greedy), on the
-embedded model. Give the servers a small KV pool (--server-args "... --max-total-tokens 6000") to
-see what happens when one replica cannot cache every document. Every server compiles its decode
-graphs for batches up to 16 before serving (--warmup-decode-bs 16, in the default --server-args):
-a replica compiling during the run (at one thread, seconds per batch size, holding the GIL) would
-measure its compiler, not its serving. Arms, in one run:
+embedded model. Each replica's KV pool is 4000 tokens (--max-total-tokens in the default
+--server-args): room for half the documents and the requests in flight, the case routing is for
+(more documents than one replica caches); the single server on the mixed load gets twice that, the
+two replicas' memory. With the default pool (46k tokens) every replica caches every document, and
+round-robin loses only the first prefill of each document on each replica. Every server compiles
+its decode graphs for batches up to 16 before serving (--warmup-decode-bs 16, also in the default
+--server-args): a replica compiling during the run (at one thread, seconds per batch size, holding
+the GIL) would measure its compiler, not its serving. Arms, in one run:
 
   prefix       arborlm serve --replicas 2 --router prefix
   round-robin  arborlm serve --replicas 2 --router round-robin
@@ -88,6 +91,15 @@ async def drive(url: str, prompts: list[str], concurrency: int) -> dict:
             "cached_share": cached / prompt if prompt else float("nan"), "wall_s": wall}
 
 
+def doubled_pool(flags: list[str]) -> list[str]:
+    """The single server's flags on the mixed load: the KV pool of both replicas together."""
+    out = list(flags)
+    if "--max-total-tokens" in out:
+        i = out.index("--max-total-tokens") + 1
+        out[i] = str(2 * int(out[i]))
+    return out
+
+
 def run_arm(name: str, flags: list[str], prompts: list[str], concurrency: int, warm: str) -> dict:
     log = f"/tmp/bench_cluster_{name}.log"
     proc, url = start_server(flags, log)
@@ -110,10 +122,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prefixes", type=int, default=8)
     ap.add_argument("--per-prefix", type=int, default=12)
-    ap.add_argument("--doc-words", type=int, default=700, help="~1.1 tokens each: ~800-token documents")
+    ap.add_argument("--doc-words", type=int, default=795, help="~1 token each: ~800-token documents")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--server-args", default="--warmup-decode-bs 16", help="more flags for every server")
+    ap.add_argument("--server-args", default="--warmup-decode-bs 16 --max-total-tokens 4000",
+                    help="more flags for every server")
     ap.add_argument("--arms", default="all", help="comma-separated arm names (prefix,round-robin,...), or all")
     args = ap.parse_args()
     cpu = cpu_info()
@@ -125,7 +138,7 @@ def main() -> None:
     arms = {
         "prefix": (["--replicas", "2", "--router", "prefix", *extra], mixed),
         "round-robin": (["--replicas", "2", "--router", "round-robin", *extra], mixed),
-        "single": (extra, mixed),
+        "single": (doubled_pool(extra), mixed),
         "prefix one-doc": (["--replicas", "2", "--router", "prefix", *extra], single),
         "single one-doc": (extra, single),
     }

@@ -49,3 +49,12 @@ def test_replicas_sharing_a_prefix_rank_by_load():
     t.insert(PREFIXES[0], "B")
     assert choose(t, PREFIXES[0] + "Q", {"A": 3, "B": 1}, imbalance=8) == [["B"], ["A"]]
     assert choose(t, PREFIXES[0] + "Q", {"A": 0, "B": 1}, imbalance=8) == [["A"], ["B"]]
+
+
+def test_a_busier_replica_keeps_its_prefixes_an_idle_one_takes_work():
+    """Both thresholds must hold (SGLang's absolute and relative): 12 vs 4 is busier, not imbalanced."""
+    t = PrefixTable()
+    t.insert(PREFIXES[0], "A")
+    assert choose(t, PREFIXES[0] + "Q", {"A": 12, "B": 4}, imbalance=8, ratio=3)[0] == ["A"]
+    assert choose(t, PREFIXES[0] + "Q", {"A": 13, "B": 3}, imbalance=8, ratio=3)[0] == ["B"]
+    assert choose(t, PREFIXES[0] + "Q", {"A": 9, "B": 0}, imbalance=8, ratio=3)[0] == ["B"]

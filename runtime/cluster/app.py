@@ -262,7 +262,7 @@ def replica_argv(args) -> list[str]:
 
     from arborlm.runtime.server.args import ServerArgs
 
-    skip = {"host", "port", "replicas", "router", "router_imbalance", "ray_address", "replica_cpus",
+    skip = {"host", "port", "replicas", "router", "router_imbalance", "router_imbalance_ratio", "ray_address", "replica_cpus",
             "restart_on_failure", "exit_with_parent", "api_key", "api_key_file", "cors_allow_origins"}
     argv = []
     for f in dataclasses.fields(ServerArgs):
@@ -282,7 +282,8 @@ def build_app(args):
     from arborlm.runtime.cluster.routers import ROUTER_CLASSES
 
     router = RequestRouterConfig(request_router_class=ROUTER_CLASSES[args.router],
-                                 request_router_kwargs={"imbalance": args.router_imbalance} if args.router == "prefix" else {})
+                                 request_router_kwargs={"imbalance": args.router_imbalance, "ratio": args.router_imbalance_ratio}
+                                 if args.router == "prefix" else {})
     replica = serve.deployment(Replica, name="Replica", num_replicas=args.replicas,
                                ray_actor_options={"num_cpus": args.replica_cpus},
                                max_ongoing_requests=100_000, request_router_config=router,

@@ -67,10 +67,14 @@ class PrefixTable:
 
 
 def choose(table: PrefixTable, text: str | None, loads: dict[str, int], imbalance: int,
-           min_blocks: int = 1) -> list[list[str]]:
+           ratio: float = 1.0, min_blocks: int = 1) -> list[list[str]]:
     """Ranked replicas for a request, best first, one per group (Ray tries each group in turn; a
     group of several would leave the pick to Ray's cached queue lengths, staler than `loads`):
-    - queues imbalanced by more than `imbalance` requests: least loaded first (the cache can wait);
+    - queues imbalanced, the busiest by more than `imbalance` requests and `ratio` times the least
+      loaded (SGLang's absolute and relative thresholds): least loaded first (the cache can wait).
+      The ratio keeps a replica that is merely busier from taking another's prefixes (each one a
+      prefill it need not have done, and a cache shared by more prefixes), while an idle
+      replica still takes work;
     - else the replicas holding the longest prefix of the text (at least min_blocks blocks),
       least loaded first;
     - else, a new prefix: the replica holding the least of the table (as SGLang's cache-aware
@@ -79,7 +83,8 @@ def choose(table: PrefixTable, text: str | None, loads: dict[str, int], imbalanc
     The rest follow, least loaded first."""
     names = sorted(loads)
     by_load = sorted(names, key=lambda r: (loads[r], table.tenants.get(r, 0), r))
-    if not text or max(loads.values()) - min(loads.values()) > imbalance:
+    busiest, least = max(loads.values()), min(loads.values())
+    if not text or (busiest - least > imbalance and busiest > ratio * least):
         return [[r] for r in by_load]
     matched = table.match(text, names)
     best = max(matched.values())

@@ -45,6 +45,7 @@ class ServerArgs(EngineArgs):
     replicas: int = 1
     router: str = "prefix"
     router_imbalance: int = 8
+    router_imbalance_ratio: float = 3.0
     ray_address: str | None = None
     replica_cpus: float = 1.0
 
@@ -72,6 +73,8 @@ class ServerArgs(EngineArgs):
             raise ValueError(f"router: expected one of {ROUTERS}, got {self.router!r}")
         if self.router_imbalance < 0:
             raise ValueError(f"router_imbalance must be >= 0, got {self.router_imbalance}")
+        if self.router_imbalance_ratio < 1:
+            raise ValueError(f"router_imbalance_ratio must be >= 1, got {self.router_imbalance_ratio}")
         if self.replica_cpus <= 0:
             raise ValueError(f"replica_cpus must be > 0, got {self.replica_cpus}")
         if self.api_key_file is not None:
@@ -281,8 +284,10 @@ HELP = {
                 "extra; docs/cluster.md)",
     "router": "with --replicas: prefix (requests sharing a prompt prefix go to the replica that has it "
               "cached, load-aware), round-robin, or pow2 (Ray's power of two choices)",
-    "router_imbalance": "with --router prefix: when the replicas' requests in flight differ by more than this, "
-                        "the least loaded replica takes a request whatever its prefix",
+    "router_imbalance": "with --router prefix: when the replicas' requests in flight differ by more than this "
+                        "(and --router-imbalance-ratio holds), the least loaded replica takes a request whatever its prefix",
+    "router_imbalance_ratio": "with --router prefix: ... and the busiest replica has more than this many times "
+                              "the requests of the least loaded (SGLang's balance_rel_threshold)",
     "ray_address": "with --replicas: join this Ray cluster (`auto`: the local one) instead of starting Ray here",
     "replica_cpus": "with --replicas: logical CPUs Ray reserves per replica (its torch threads follow)",
 }
