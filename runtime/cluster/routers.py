@@ -102,7 +102,6 @@ class PrefixAffinityRouter(_Counting):
         super().initialize_state()
         self.table = PrefixTable(capacity)
         self.imbalance, self.ratio = imbalance, ratio
-        self.chosen: dict[str, str] = {}
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
