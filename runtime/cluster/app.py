@@ -69,7 +69,7 @@ def routing_key(path: str, body: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -80,7 +80,7 @@ class Replica:
 
     def __init__(self, argv: list[str], api_key: str | None):
         self.id = serve.get_replica_context().replica_id.unique_id
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "arborlm.runtime.launch_server", "--host", "127.0.0.1", "--port", str(port),
                "--exit-with-parent", *argv]

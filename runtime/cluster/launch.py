@@ -51,7 +51,7 @@ def serve_cluster(args) -> int:
     except ImportError:
         logger.error("--replicas needs Ray Serve: pip install 'arborlm[cluster]'")
         return 2
-    from arborlm.runtime.cluster.app import _free_port, build_app
+    from arborlm.runtime.cluster.app import build_app, free_port
     from arborlm.runtime.model import loader
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -65,7 +65,7 @@ def serve_cluster(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": _free_port() if direct else args.port})
+        serve.start(http_options={"host": args.host, "port": free_port() if direct else args.port})
         serve.run(build_app(args), name="arborlm", route_prefix="/", blocking=False)
         logger.info("serving %d replicas on http://%s:%d (router: %s)", args.replicas, args.host, args.port, args.router)
         stop.wait()

@@ -116,9 +116,10 @@ class PrefixAffinityRouter(_Counting):
         return ranks
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        moved = self.charged.get(pending_request.metadata.internal_request_id) != replica_id.unique_id
         super().on_request_routed(pending_request, replica_id, result)
         key = _key(pending_request)
-        if key:  # where it went (the first choice but when that one was full)
+        if key and moved:  # not the first choice (that one was full): the table learns where it went
             self.table.insert(key, replica_id.unique_id)
 
     def on_replica_actor_died(self, replica_id: ReplicaID):
