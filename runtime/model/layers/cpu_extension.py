@@ -3,6 +3,9 @@
 The extension is compiled at first use (JIT, ~30 s on 2 cores) into the user cache, with
 -march=native; its directory name hashes the sources, the flags, the CPU's feature flags and the
 torch version, so an edit, another CPU or another torch rebuilds and a cached build is reused.
+A build runs in a folder of its own and its library is renamed into place, so a process killed
+mid-build leaves nothing a later start waits on (torch's build lock has no timeout and no owner
+check) or loads half-written.
 The ops (namespace `arborlm`) are declared here with fake kernels, so tracing never needs the build;
 paged_attention.py, fused_cpu.py and int8_group.py hold their Python wrappers and torch references.
 """
@@ -10,8 +13,10 @@ paged_attention.py, fused_cpu.py and int8_group.py hold their Python wrappers an
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -25,6 +30,7 @@ _SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "elementwise.cpp", _CSRC / "i
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 _lock = threading.Lock()
 _ext = None
+logger = logging.getLogger(__name__)
 
 
 def build_dir(name: str) -> Path:
@@ -41,40 +47,90 @@ def load_extension() -> Path:
     with _lock:
         if _ext is not None:
             return _ext
+        _ext = _load_or_build(extension_name())
+    return _ext
+
+
+def extension_name() -> str:
+    # -march=native code runs only on a CPU with the same flags: they are part of the key
+    key = b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_CFLAGS).encode()
+    key += " ".join(sorted(cpu_flags())).encode() + torch.__version__.encode()
+    return "arborlm_cpu_" + hashlib.sha256(key).hexdigest()[:12]
+
+
+def _load_or_build(name: str) -> Path:
+    """Load the cached library, or build it in a private folder and rename it into place."""
+    from arborlm.runtime.model.decode_graph import broken_object
+
+    d = build_dir(name)
+    lib = d / f"{name}.so"
+    if lib.is_file() and broken_object(str(lib)):  # cut short by an older, in-place build
+        logger.warning("removing a cut-short CPU kernel library %s; building it again", lib)
+        lib.unlink()
+    if lib.is_file():
+        torch.ops.load_library(str(lib))
+        return lib
+    _check_toolchain()
+    d.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(d)
+    tmp = Path(tempfile.mkdtemp(prefix=f"build-{os.getpid()}-", dir=d))
+    try:
         from torch.utils import cpp_extension
 
-        # -march=native code runs only on a CPU with the same flags: they are part of the key
-        key = b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_CFLAGS).encode()
-        key += " ".join(sorted(cpu_flags())).encode() + torch.__version__.encode()
-        name = "arborlm_cpu_" + hashlib.sha256(key).hexdigest()[:12]
-        cxx = os.environ.get("CXX", "c++")
-        if shutil.which(cxx) is None:
-            raise RuntimeError(
-                f"arborlm's CPU kernels are compiled at first use and need a C++ compiler ({cxx!r} not found; "
-                "install g++ or clang++, or set CXX), or use attention_backend='torch'"
-            )
-        if shutil.which("ninja") is None:  # the `ninja` wheel (dev extra) puts its binary beside it
-            try:
-                import ninja
+        logger.info("building arborlm's CPU kernels (once per CPU and torch version, ~30 s) in %s", tmp)
+        # the library loads from tmp; the rename keeps the mapped file, so the process goes on using it
+        cpp_extension.load(
+            name=name, sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+            build_directory=str(tmp), is_python_module=False, verbose=False,
+        )
+        os.replace(tmp / f"{name}.so", lib)  # atomic: a concurrent build's identical library may win
+    except Exception as e:  # ninja missing, compiler error: say what was being built and where
+        raise RuntimeError(
+            f"building the CPU kernels ({', '.join(p.name for p in _SOURCES)} in {tmp}) failed: {e}. It needs a C++17 "
+            "compiler with OpenMP (g++ or clang++) and ninja (pip install ninja); attention_backend='torch' "
+            "does without them"
+        ) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return lib
 
-                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-            except ImportError:
-                pass
-        d = build_dir(name)
-        d.mkdir(parents=True, exist_ok=True)
+
+def _check_toolchain() -> None:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(
+            f"arborlm's CPU kernels are compiled at first use and need a C++ compiler ({cxx!r} not found; "
+            "install g++ or clang++, or set CXX), or use attention_backend='torch'"
+        )
+    if shutil.which("ninja") is None:  # the `ninja` wheel (a dependency) puts its binary beside it
         try:
-            cpp_extension.load(
-                name=name, sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-                build_directory=str(d), is_python_module=False, verbose=False,
-            )
-        except Exception as e:  # ninja missing, compiler error: say what was being built and where
-            raise RuntimeError(
-                f"building the CPU kernels ({', '.join(p.name for p in _SOURCES)} in {d}) failed: {e}. It needs a C++17 "
-                "compiler with OpenMP (g++ or clang++) and ninja (pip install ninja); attention_backend='torch' "
-                "does without them"
-            ) from e
-        _ext = d / f"{name}.so"
-    return _ext
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+
+
+def _remove_abandoned_builds(d: Path) -> None:
+    """Delete build folders whose process is gone, and the lock an older in-place build left."""
+    (d / "lock").unlink(missing_ok=True)  # torch's FileBaton, from builds before private folders
+    for p in d.glob("build-*-*"):
+        try:
+            pid = int(p.name.split("-")[1])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
