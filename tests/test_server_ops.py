@@ -88,9 +88,10 @@ def long_model_dir(tmp_path_factory, real_model_dir) -> str:
     return save_tiny_model(str(tmp_path_factory.mktemp("tiny-4k")), real_model_dir, max_position_embeddings=4096)
 
 
-def start(model_dir, tmp_path, *flags) -> LiveServer:
+def start(model_dir, tmp_path, *flags, new_session: bool = False) -> LiveServer:
     srv = LiveServer("--model-path", model_dir, "--dtype", "float32", "--max-total-tokens", "16384",
-                     "--served-model-name", "tiny", *flags, log_path=str(tmp_path / "server.log"))
+                     "--served-model-name", "tiny", *flags, log_path=str(tmp_path / "server.log"),
+                     new_session=new_session)
     try:
         return srv.wait_healthy()
     except BaseException:
@@ -254,6 +255,34 @@ def test_sigterm_drains(long_model_dir, tmp_path):
             srv.proc.kill()
     assert results["short"]["finish_reason"]["type"] == "length" and results["short"]["completion_tokens"] == 60
     assert results["long"]["finish_reason"]["type"] == "abort" and results["long"]["completion_tokens"] < 3500
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_to_the_process_group_drains(long_model_dir, tmp_path, sig):
+    """systemd (KillMode=control-group), `kill -TERM -- -PGID` and Ctrl-C signal every process of
+    the group, the children too: the running request still finishes whole and the exit code is 0."""
+    srv = start(long_model_dir, tmp_path, new_session=True)
+    result: dict = {}
+
+    def run():
+        result["r"] = httpx.post(srv.url + "/generate", timeout=120, json={
+            "text": "Once upon a time", "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}})
+
+    try:
+        t = threading.Thread(target=run)
+        t.start()
+        while httpx.get(srv.url + "/get_server_info", timeout=10).json()["scheduler"]["running_requests"] < 1:
+            time.sleep(0.02)
+        os.killpg(srv.proc.pid, sig)
+        t.join(timeout=90)
+        assert srv.proc.wait(timeout=60) == 0, open(srv.log_path).read()[-3000:]
+    finally:
+        if srv.proc.poll() is None:
+            os.killpg(srv.proc.pid, signal.SIGKILL)
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    assert r.json()["meta_info"]["finish_reason"]["type"] == "length"
+    assert r.json()["meta_info"]["completion_tokens"] == 2000
 
 
 def test_restart_on_failure(tiny_model_dir, tmp_path):

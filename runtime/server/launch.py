@@ -23,7 +23,7 @@ import uvicorn
 from arborlm.runtime.server.app import create_app
 from arborlm.runtime.server.args import ServerArgs
 from arborlm.runtime.server.gate import Gate
-from arborlm.runtime.server.procutil import Endpoints
+from arborlm.runtime.server.procutil import Endpoints, parent_signals_blocked
 from arborlm.runtime.server.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger("arborlm.server")
@@ -79,8 +79,9 @@ def launch_server(args: ServerArgs) -> int:
         ctx.Process(target=run_detokenizer_process, args=(files.tokenizer_dir, endpoints, detok_w, args.log_level),
                     name="arborlm-detokenizer", daemon=True),
     ]
-    for p in procs:
-        p.start()
+    with parent_signals_blocked():
+        for p in procs:
+            p.start()
     try:
         info = _wait_ready(procs[0], sched_r)
         _wait_ready(procs[1], detok_r)
@@ -195,12 +196,10 @@ def _wait_ready(proc, conn):
 
 
 def _stop(procs, endpoints: Endpoints) -> None:
+    """SIGKILL: the children ignore SIGTERM (procutil), and by now every answer has gone out."""
     for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=5)
         if p.is_alive():
             p.kill()
-            p.join(timeout=5)
+    for p in procs:
+        p.join(timeout=5)
     shutil.rmtree(endpoints.folder(), ignore_errors=True)
