@@ -22,8 +22,10 @@ serve: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) examples/quickstart.py
 
+# -P: the repository root must not be on sys.path (its kernels/ folder would shadow Hugging Face's
+# `kernels` package, which transformers imports)
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -P -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_offline.py

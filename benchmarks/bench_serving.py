@@ -63,7 +63,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "arborlm.runtime.launch_server", "--port", str(port), "--dtype", args.dtype,
+        cmd = [sys.executable, "-P", "-m", "arborlm.runtime.launch_server", "--port", str(port), "--dtype", args.dtype,
                "--log-level", "warning", "--max-running-requests", str(max(args.concurrency, 64))]
         self.proc = subprocess.Popen(cmd)
         deadline = time.time() + 300

@@ -347,7 +347,7 @@ def start_server(extra: list[str], log_path: str) -> tuple[subprocess.Popen, str
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "arborlm.runtime.launch_server", "--port", str(port), "--log-level", "warning", *extra]
+    cmd = [sys.executable, "-P", "-m", "arborlm.runtime.launch_server", "--port", str(port), "--log-level", "warning", *extra]
     log(f"starting: {shlex.join(cmd[1:])} (log: {log_path})")
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)

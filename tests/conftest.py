@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
-import pytest
-import torch
+# The repository root must not be importable as a path: its kernels/ folder (arborlm.kernels, mapped
+# by the package's install) would shadow Hugging Face's `kernels` package, which transformers imports.
+# `make test` runs `python -P -m pytest`; this covers a plain `python -m pytest` from the root, and
+# PYTHONSAFEPATH does the same for every Python subprocess a test starts.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Triton picks its CPU interpreter when a kernel is defined, so this must precede any import of
     # arborlm.kernels by a test module.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from arborlm.runtime.model import loader
+from arborlm.runtime.model import loader  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +113,7 @@ API_KEY = "test-key"
 class LiveServer:
     """A server subprocess on a free loopback port; `url` once /health answers 200."""
 
-    def __init__(self, *args: str, log_path: str):
+    def __init__(self, *args: str, log_path: str, new_session: bool = False):
         import socket
         import subprocess
         import sys
@@ -115,8 +124,9 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "arborlm.runtime.launch_server", "--port", str(self.port),
-                                      "--log-level", "warning", *args], stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "arborlm.runtime.launch_server", "--port", str(self.port),
+                                      "--log-level", "warning", *args], stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=new_session)  # its own process group, to signal whole
 
     def wait_healthy(self, timeout: float = 240) -> "LiveServer":
         import time

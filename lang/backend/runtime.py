@@ -30,7 +30,7 @@ class Runtime(RuntimeEndpoint):
                 s.bind(("127.0.0.1", 0))
                 server_args["port"] = s.getsockname()[1]
         server_args.setdefault("host", "127.0.0.1")
-        cmd = [sys.executable, "-m", "arborlm.runtime.launch_server", "--log-level", log_level, *_flags(server_args)]
+        cmd = [sys.executable, "-P", "-m", "arborlm.runtime.launch_server", "--log-level", log_level, *_flags(server_args)]
         self.proc = subprocess.Popen(cmd)
         self.url = f"http://{server_args['host']}:{server_args['port']}"
         super().__init__(self.url, api_key=server_args.get("api_key"))

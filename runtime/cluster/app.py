@@ -82,7 +82,7 @@ class Replica:
         self.id = serve.get_replica_context().replica_id.unique_id
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "arborlm.runtime.launch_server", "--host", "127.0.0.1", "--port", str(port),
+        cmd = [sys.executable, "-P", "-m", "arborlm.runtime.launch_server", "--host", "127.0.0.1", "--port", str(port),
                "--exit-with-parent", *argv]
         # the child's settings are exactly argv: none of the cluster's ARBORLM_* variables (a
         # `replicas` among them would start a cluster per replica); the key travels out of `ps`
