@@ -53,6 +53,8 @@ class ModelRunner:
 
             self.decode_graphs = DecodeGraphs(self.model, self.kv_pool, self.req_pool.table,
                                               background=args.compile_in_background)
+            # before serving: graphs an earlier process compiled (seconds), so the first request is fast
+            self.decode_graphs.load_saved(args.max_running_requests)
             self.decode_graphs.warm_up(min(args.warmup_decode_bs, args.max_running_requests))
         elif args.warmup_decode_bs:
             logger.warning("warmup_decode_bs=%d has nothing to warm: decode is not compiled (%s)",

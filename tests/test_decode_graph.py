@@ -1,12 +1,22 @@
 """Compiled decode steps (one graph per batch-size bucket) on the tiny model: the same tokens as
-eager decode, and no recompile as contexts grow."""
+eager decode, no recompile as contexts grow, and graphs saved for later processes."""
 
+import pytest
 import torch
 
 from arborlm.runtime import Engine
+from arborlm.runtime.model import decode_graph
 from arborlm.runtime.model.decode_graph import BUCKETS, bucket_for
 
 from conftest import assert_pool_clean
+
+
+@pytest.fixture(autouse=True)
+def graphs_root(tmp_path, monkeypatch):
+    """Each test starts with no saved graphs (Inductor's own caches stay shared and warm)."""
+    root = tmp_path / "decode_graphs"
+    monkeypatch.setattr(decode_graph, "graphs_root", lambda: root)
+    return root
 
 PROMPTS = [[1, 504, 3575, 282], list(range(100, 140)), [7] * 3]
 
@@ -31,15 +41,15 @@ def test_compiled_decode_matches_eager_and_never_recompiles(tiny_model_dir):
         # included), then 200 growing decode steps of one request; any recompile raises
         from torch._dynamo.utils import counters
 
-        graphs_before = counters["stats"]["unique_graphs"]
         one = eng.generate(input_ids=PROMPTS[1], sampling_params={**sp, "max_new_tokens": 2})["output_ids"]
-        assert graphs.ready == {1}, graphs.failed
-        calls = graphs.calls
+        assert graphs.ready == {1} and set(graphs.graphs) == {1}, graphs.failed
+        calls, graphs_before = graphs.calls, counters["stats"]["unique_graphs"]
         one = eng.generate(input_ids=PROMPTS[1], sampling_params=sp)["output_ids"]
         assert graphs.calls - calls == 199
+        assert counters["stats"]["unique_graphs"] == graphs_before  # 199 growing steps, nothing traced again
         batch = [o["output_ids"] for o in eng.generate(input_ids=PROMPTS, sampling_params=sp)]
         assert 4 in graphs.ready and not graphs.failed  # 3 rows run padded to the bucket of 4
-        assert counters["stats"]["unique_graphs"] - graphs_before == 2  # one graph per bucket, no recompile
+        assert set(graphs.graphs) == {1, 4} and set(graphs.compile_seconds) == {1, 4}  # one graph per bucket
         assert_pool_clean(eng)
     assert one == eager_one
     assert batch == eager_batch
@@ -92,27 +102,59 @@ def test_warm_up_compiles_before_serving_and_recovers_a_cut_short_kernel(tiny_mo
                 warmup_decode_bs=2) as eng:
         graphs = eng.runner.decode_graphs
         assert graphs.ready == {1, 2} and not graphs.compiling and not graphs.failed
-        assert graphs.state() == {"ready": [1, 2], "compiling": [], "failed": []}
+        assert graphs.state() == {"ready": [1, 2], "loaded": [], "compiling": [], "failed": []}
 
         cut = tmp_path / "kernel.main.so"
         cut.write_bytes(b"")
         calls = []
 
-        def compiled(*args):
-            calls.append(len(args[0]))
-            if len(calls) == 1:
-                raise ImportError(f"{cut}: file too short")
+        class Compiled:  # stands in for a compiled step whose first call loads its kernel
+            def __init__(self, error: str, fails: int):
+                self.error, self.fails = error, fails
 
-        graphs.compiled = compiled
+            def __call__(self, *args):
+                calls.append(len(args[1]))  # args[0] is the model, args[1] the input ids
+                if len(calls) <= self.fails:
+                    raise ImportError(self.error)
+
+            def disable_guard_check(self):
+                pass
+
+            def save_compiled_function(self, path):
+                open(path, "wb").close()
+
+        graphs.aot_compile = lambda args: Compiled(f"{cut}: file too short", fails=1)
         graphs.available(16)
         graphs.wait(timeout=60)
         assert calls == [16, 16] and not cut.exists()
         assert 16 in graphs.ready and not graphs.failed
 
-        def fails(*args):
-            raise ImportError(f"{tmp_path / 'missing.so'}: cannot open shared object file")
-
-        graphs.compiled = fails  # any other failure leaves the bucket eager, once
+        # any other failure leaves the bucket eager, once
+        graphs.aot_compile = lambda args: Compiled(f"{tmp_path / 'missing.so'}: cannot open shared object file", fails=99)
         graphs.available(24)
         graphs.wait(timeout=60)
         assert "ImportError" in graphs.failed[24] and 24 not in graphs.ready
+
+
+def test_a_later_process_loads_the_saved_graphs_before_serving(tiny_model_dir, graphs_root):
+    """A bucket compiled once is saved; the next engine (a new process, as far as the graphs know)
+    loads it before its first request, decodes the same tokens through it, and compiles nothing.
+    A damaged saved graph is removed and compiled again on first use."""
+    sp = {"temperature": 0, "max_new_tokens": 40, "ignore_eos": True}
+    kw = dict(dtype="float32", max_total_tokens=2048, compile_decode=True)
+    with Engine(tiny_model_dir, warmup_decode_bs=1, **kw) as eng:
+        first = eng.generate(input_ids=PROMPTS[1], sampling_params=sp)["output_ids"]
+    (saved,) = graphs_root.glob("*/bs1.pt2")
+    torch._dynamo.reset()
+    with Engine(tiny_model_dir, **kw) as eng:
+        graphs = eng.runner.decode_graphs
+        assert graphs.state() == {"ready": [1], "loaded": [1], "compiling": [], "failed": []}
+        again = eng.generate(input_ids=PROMPTS[1], sampling_params=sp)["output_ids"]
+        assert graphs.calls == 39 and not graphs.compile_seconds
+    assert again == first
+    saved.write_bytes(saved.read_bytes()[:1000])  # cut short
+    with Engine(tiny_model_dir, **kw, compile_in_background=False) as eng:
+        graphs = eng.runner.decode_graphs
+        assert not graphs.loaded and not saved.exists()
+        assert eng.generate(input_ids=PROMPTS[1], sampling_params=sp)["output_ids"] == first
+        assert 1 in graphs.compile_seconds and saved.exists()

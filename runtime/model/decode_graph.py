@@ -7,23 +7,33 @@ the KV write are opaque custom ops (layers/paged_attention.py) over fixed-shape 
 graph depends on the batch size alone and never recompiles as contexts grow. A batch is padded
 up to its bucket; pad rows repeat row 0 and write their K/V to the padding slot 0.
 
-Compiling is slow on 2 cores, so a bucket is compiled on a background thread the first time it
-is needed and decode runs eagerly until it is ready; --warmup-decode-bs compiles the small ones
-before serving instead. Inductor's on-disk caches (kept under the arborlm cache) make a
-restart's compile a cache hit.
+Each bucket is compiled ahead of time (`torch.compile(...).aot_compile`) and saved under the
+arborlm cache, keyed by everything the graph depends on (torch, this package's model code, the
+model's config, execution plan and buffer shapes, the KV pool's shape, the CPU): a later process
+loads it before it serves (~2 s for the first, a fraction of that for the others) instead of
+tracing the model again with Dynamo (measured 11-16 s per bucket on 2 cores even with Inductor's
+caches warm, all of it holding the GIL the serving thread needs). The saved graph keeps no guards:
+the key, not Dynamo, says when it applies, and __call__ always passes the bucket's shapes.
+
+A bucket no process has compiled yet compiles on a background thread the first time it is needed,
+and decode runs eagerly until it is ready; --warmup-decode-bs compiles the small ones before
+serving instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import struct
 import threading
 import time
+from pathlib import Path
 
 import torch
 
+from arborlm.runtime.model.execution import cpu_flags
 from arborlm.runtime.model.loader import cache_root
 
 logger = logging.getLogger(__name__)
@@ -76,6 +86,32 @@ def remove_broken_object(error: BaseException) -> str | None:
     return None
 
 
+def decode_step(model, *args) -> torch.Tensor:
+    """What a saved graph captures: the model is an input (its weights are not saved with it)."""
+    return model.decode(*args)
+
+
+def graphs_root() -> Path:
+    return Path(cache_root()) / "decode_graphs"
+
+
+def graphs_key(model, kv_pool, req_to_token: torch.Tensor) -> str:
+    """Everything a compiled decode graph depends on; a saved one is loaded only under its key."""
+    h = hashlib.sha256()
+    code = Path(__file__).resolve().parent  # runtime/model: the model code a graph is traced from
+    for f in sorted(code.rglob("*.py")) + sorted(code.rglob("*.cpp")):
+        h.update(f.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(" ".join(sorted(cpu_flags())).encode())
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    h.update(repr(model.plan).encode())
+    for name, t in model.named_buffers():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+    for t in (kv_pool.k_buffer, kv_pool.v_buffer, req_to_token):
+        h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
+    return h.hexdigest()[:16]
+
+
 class DecodeGraphs:
     def __init__(self, model, kv_pool, req_to_token: torch.Tensor, background: bool = True):
         from arborlm.runtime.model.layers.paged_attention import load_extension
@@ -83,14 +119,40 @@ class DecodeGraphs:
         load_extension()  # the ops' CPU kernels must be registered before a graph is traced
         _configure_inductor()
         self.model, self.kv_pool, self.req_to_token = model, kv_pool, req_to_token
-        self.compiled = torch.compile(model.decode, fullgraph=True, dynamic=False)
+        self.dir = graphs_root() / graphs_key(model, kv_pool, req_to_token)
         self.background = background
+        self.graphs: dict[int, object] = {}  # bucket -> its compiled step
         self.ready: set[int] = set()
+        self.loaded: set[int] = set()  # of those, the ones a saved graph served
         self.compiling: set[int] = set()
         self.failed: dict[int, str] = {}
         self.compile_seconds: dict[int, float] = {}
         self.calls = 0  # steps run through a compiled graph
         self._lock = threading.Lock()
+
+    def load_saved(self, max_bs: int) -> list[int]:
+        """Load the graphs earlier processes compiled, for batches up to max_bs. Returns the buckets."""
+        top = bucket_for(max_bs) or BUCKETS[-1]
+        for b in BUCKETS:
+            path = self._path(b)
+            if b > top or b in self.ready or not path.is_file():
+                continue
+            try:
+                with open(path, "rb") as f:
+                    fn = torch.compiler.load_compiled_function(f)
+                fn.disable_guard_check()
+            except Exception as e:  # noqa: BLE001  a stale or damaged file: compile it again when needed
+                logger.warning("saved decode graph %s could not be loaded (%s: %s); removed", path, type(e).__name__, e)
+                remove_broken_object(e)
+                path.unlink(missing_ok=True)
+                continue
+            self.graphs[b] = fn
+            self.ready.add(b)
+            self.loaded.add(b)
+        return sorted(self.loaded)
+
+    def _path(self, b: int) -> Path:
+        return self.dir / f"bs{b}.pt2"
 
     def available(self, n: int) -> bool:
         """Whether a compiled graph serves n rows now; otherwise start compiling its bucket."""
@@ -124,7 +186,8 @@ class DecodeGraphs:
                 self._warm(b)
 
     def state(self) -> dict:
-        return {"ready": sorted(self.ready), "compiling": sorted(self.compiling), "failed": sorted(self.failed)}
+        return {"ready": sorted(self.ready), "loaded": sorted(self.loaded), "compiling": sorted(self.compiling),
+                "failed": sorted(self.failed)}
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until no bucket is compiling (tests, benchmarks)."""
@@ -157,14 +220,28 @@ class DecodeGraphs:
             self.compiling.discard(b)
 
     def _compile(self, b: int) -> None:
-        # Dynamo's settings are per thread: this (compile) thread needs the bucket count's limit.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(BUCKETS))
         with torch.inference_mode():
-            # Distinct inference tensors, as __call__ passes (guards cover aliasing and dispatch keys).
-            # Writes only to the padding slot 0; reads slot table[0, 0].
+            # Distinct inference tensors, as __call__ passes. Tracing runs the step once: it writes
+            # only to the padding slot 0 and reads slot table[0, 0].
             ids, pos, slots, rows = (torch.zeros(b, dtype=torch.int64) for _ in range(4))
-            self.compiled(ids, pos, slots, self.kv_pool.k_buffer, self.kv_pool.v_buffer, self.req_to_token,
-                          rows, torch.ones(b, dtype=torch.int64), torch.zeros((), dtype=torch.int64))
+            args = (self.model, ids, pos, slots, self.kv_pool.k_buffer, self.kv_pool.v_buffer, self.req_to_token,
+                    rows, torch.ones(b, dtype=torch.int64), torch.zeros((), dtype=torch.int64))
+            fn = self.aot_compile(args)
+            fn(*args)  # the first call loads the kernels: a broken one fails here, in the compile thread
+        fn.disable_guard_check()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fn.save_compiled_function(str(self._path(b)))  # written whole or not at all (a rename)
+        except Exception as e:  # noqa: BLE001  not saved: this process still has it
+            logger.warning("decode graph for batch %d not saved (%s: %s)", b, type(e).__name__, e)
+        self.graphs[b] = fn
+
+    @staticmethod
+    def aot_compile(args: tuple):
+        """A guard-free compiled decode step for these example inputs (the key stands for the guards)."""
+        step = torch.compile(decode_step, fullgraph=True, dynamic=False,
+                             options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+        return step.aot_compile((args, {}))
 
     def __call__(self, input_ids, positions, out_slots, rows, seq_lens, prefix_len: int) -> torch.Tensor:
         n = input_ids.numel()
@@ -186,6 +263,7 @@ class DecodeGraphs:
         with torch.inference_mode():
             small = [t if t.is_inference() else t.clone() for t in (input_ids, positions, out_slots, rows, seq_lens)]
             input_ids, positions, out_slots, rows, seq_lens = small
-            logits = self.compiled(input_ids, positions, out_slots, self.kv_pool.k_buffer, self.kv_pool.v_buffer,
-                                   self.req_to_token, rows, seq_lens, torch.tensor(prefix_len, dtype=torch.int64))
+            logits = self.graphs[b](self.model, input_ids, positions, out_slots, self.kv_pool.k_buffer,
+                                    self.kv_pool.v_buffer, self.req_to_token, rows, seq_lens,
+                                    torch.tensor(prefix_len, dtype=torch.int64))
         return logits[:n]
