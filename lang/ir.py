@@ -92,13 +92,16 @@ class Gen(Expr):
     tools: Any = None  # a runtime ToolContext: the reply's calls go into the meta info
 
     def tool_meta(self, text: str) -> dict:
-        """{"tool_calls": [...], "content": ...} parsed from a finished reply ({} without tools)."""
+        """{"tool_calls": [...], "content": ...} parsed from a finished reply ({} without tools); a
+        call that exactly repeats an earlier one is left out and counted in "repeats_dropped"."""
         if self.tools is None:
             return {}
-        from arborlm.runtime.tool_calls import scan
+        from arborlm.runtime.tool_calls import distinct, scan
 
         content, calls = scan(text, self.tools.fmt, partial=False)
-        return {"tool_calls": [c.openai() for c in calls], "content": content, **self.tools.check(calls)}
+        calls, dropped = distinct(calls)
+        extra = {"repeats_dropped": len(dropped)} if dropped else {}
+        return {"tool_calls": [c.openai() for c in calls], "content": content, **extra, **self.tools.check(calls)}
 
     def parse(self, text: str):
         """The typed value of the generated text (int, pydantic object, JSON value) or the text."""

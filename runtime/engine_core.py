@@ -22,6 +22,7 @@ from arborlm.runtime.constrained.factory import make_backend
 from arborlm.runtime.constrained.json_guard import JSON_KINDS, JsonGuard, wants_unique_items
 from arborlm.runtime.constrained.pattern_completion import schema_patterns
 from arborlm.runtime.constrained.jump_forward import JumpForward
+from arborlm.runtime.constrained.tag_guard import TagGuardedMatcher, tag_markers
 from arborlm.runtime.constrained.vocab import token_bytes
 from arborlm.runtime.detokenizer import IncrementalDetokenizer
 from arborlm.runtime.model import loader
@@ -69,6 +70,7 @@ class EngineCore:
         if args.json_max_string_length or args.json_max_depth:
             self.json_guard = JsonGuard(token_bytes(tok), self.runner.vocab_size,
                                         args.json_max_string_length, args.json_max_depth)
+        self._tag_tables: JsonGuard | None = None  # the guard's vocabulary tables for structural tags
         tree = RadixCache(self.runner.kv_pool.free, disable=args.disable_radix_cache)
         self.scheduler = Scheduler(self.runner.req_pool, self.runner.kv_pool, tree, SchedulerConfig(
             context_length=self.runner.context_length, max_running_requests=args.max_running_requests,
@@ -128,7 +130,23 @@ class EngineCore:
                 schema = spec.value if spec.kind == "json_schema" else ""
                 req.grammar = self.json_guard.matcher(req.grammar, schema_patterns(schema) if schema else (),
                                                       wants_unique_items(schema))
+            elif spec.kind == "structural_tag":
+                req.grammar = self.tag_guard(req.grammar, spec.value, req.params.max_new_tokens)
         self.scheduler.add_request(req)
+
+    def tag_guard(self, matcher, value: str, max_new_tokens: int):
+        """A structural tag's matcher under the tag guard (constrained/tag_guard.py: tool calls close
+        within max_new_tokens and end at a repeated call); a BadRequestError when max_new_tokens
+        cannot hold the shortest output the tag requires. Always on, even with the JSON guard's
+        bounds off (then only the budget and repeats are guarded)."""
+        markers = tag_markers(value)
+        if markers is None or not hasattr(matcher, "can_end"):
+            return matcher
+        if self._tag_tables is None:
+            self._tag_tables = self.json_guard or JsonGuard(token_bytes(self.tokenizer), self.runner.vocab_size, 0, 0)
+        guarded = TagGuardedMatcher(matcher, self._tag_tables, markers, schema_patterns(value), wants_unique_items(value))
+        guarded.check_budget(max_new_tokens)
+        return guarded
 
     def _admit_compiled(self) -> list[tuple[Req, BaseException]]:
         failed = []
@@ -167,6 +185,8 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.grammars.shutdown()
+        if self.runner.decode_graphs is not None:
+            self.runner.decode_graphs.close()
 
     def step(self) -> tuple[list[StepOutput], list[tuple[Req, BaseException]]]:
         """Schedule and run one batch. Returns the step's outputs and the requests that failed

@@ -192,6 +192,8 @@ def _pack(allowed: np.ndarray) -> torch.Tensor:
 class GuardedMatcher:
     """A grammar matcher whose mask the guard narrows; everything else is the inner matcher's."""
 
+    bounds = True  # the loop, length and depth bounds apply (the tag guard keeps only the budget's close)
+
     def __init__(self, inner: Matcher, guard: JsonGuard, patterns: tuple[str, ...] = (), unique_items: bool = False):
         self.inner, self.guard, self.patterns, self.unique_items = inner, guard, patterns, unique_items
         self.no_path_before = 0  # a failed search for a string's end is tried again at this many chars
@@ -246,13 +248,17 @@ class GuardedMatcher:
 
     def fill_bitmask(self, row: torch.Tensor) -> None:
         self.inner.fill_bitmask(row)
+        self.narrow(row)
+
+    def narrow(self, row: torch.Tensor) -> None:
+        """Narrow the grammar's mask in `row` as the module docstring says."""
         s, g = self.state, self.guard
-        if looping(s.out, MAX_ITEM, ITEM_BYTES):  # items repeating: no next one
+        if self.bounds and looping(s.out, MAX_ITEM, ITEM_BYTES):  # items repeating: no next one
             _narrow(row, g.no_comma)
         if self.unique_items and s.in_string and not s.escaped and s.stack and s.stack[-1]:
             self._ban_repeat(row, s.tail, s.stack[-1])
         closing = self.closing()
-        if not s.in_string and (closing or s.depth >= g.max_depth):
+        if not s.in_string and (closing or self.bounds and s.depth >= g.max_depth):
             # open nothing; where the grammar allows, close (too deep: the object or array ends here
             # rather than at a value the grammar requires to be one more object)
             narrowed = row & g.flat
@@ -260,7 +266,8 @@ class GuardedMatcher:
                 ends = narrowed & g.ends
                 row.copy_(ends if ends.any() else narrowed)
             return
-        if s.in_string and not s.escaped and (self.plan or s.chars >= g.max_string or closing or looping(s.tail[-TAIL:])):
+        bounded = self.bounds and (s.chars >= g.max_string or looping(s.tail[-TAIL:]))
+        if s.in_string and not s.escaped and (self.plan or closing or bounded):
             # (a path to the quote once begun is kept to: its first characters end the loop it was for)
             narrowed = row & g.closes
             if closing:  # `"` or `"}`, not `",`: a closing quote that goes on to the next item undoes the point

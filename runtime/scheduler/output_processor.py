@@ -41,6 +41,10 @@ class OutputProcessor:
             self._grammar_step(req, grammar_ok)
         if req.finished and req.detok is not None and req.finish_reason["type"] == "length":
             req.detok.flush()
+        if req.finished and req.grammar is not None and hasattr(req.grammar, "finish_note"):
+            note = req.grammar.finish_note()  # what a guard did to the output (constrained/tag_guard.py)
+            if note:
+                req.finish_reason = {**req.finish_reason, **note}
 
     def _grammar_step(self, req: Req, accepted: bool) -> None:
         """Finish a constrained request once its grammar is complete, else try a jump-forward."""

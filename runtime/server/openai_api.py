@@ -3,7 +3,9 @@
 Requests become the same SamplingParams as /generate; unknown extra fields are ignored, as the
 OpenAI API does, while fields we cannot honour (suffix, best_of != n) get a 400. Tool calling
 (tools, tool_choice, parallel_tool_calls) is in arborlm.runtime.tool_calls: a structural tag
-enforces the calls, and the reply's text is parsed back into `tool_calls`. Both generation routes
+enforces the calls (under the tag guard: they close within max_tokens, and a reply ends at a
+repeated call), and the reply's text is parsed back into `tool_calls`, exact repeats left out;
+`finish_message` says what either changed (tool_note). Both generation routes
 stream through one generator, `stream_chunks`; a ChunkFormat holds what differs between them.
 """
 
@@ -25,7 +27,7 @@ from arborlm.runtime.request_check import sample_params
 from arborlm.runtime.sampling.params import SamplingParams
 from arborlm.runtime.server.native_api import SubRequest, stream_all
 from arborlm.runtime.server.tokenizer_manager import ReqState, TokenizerManager
-from arborlm.runtime.tool_calls import ToolCallStream, ToolContext, ToolFormat, scan
+from arborlm.runtime.tool_calls import ToolCallStream, ToolContext, ToolFormat, distinct, scan
 from arborlm.runtime.tool_calls.request import prompt_messages, template_takes_tools
 
 
@@ -307,17 +309,20 @@ def chat_response(req: ChatCompletionRequest, tm, subs, states, rid, created, mo
     choices = []
     for sub, st in zip(subs, states):
         message, reason, check = {"role": "assistant", "content": st.text}, finish_reason(st), None
+        note = finish_note(st)
         if req._tools is not None:
             content, calls = scan(st.text, req._tools.fmt, partial=False)
+            calls, dropped = distinct(calls)
             if calls:
                 message = {"role": "assistant", "content": content.strip() or None,
                            "tool_calls": [c.openai() for c in calls]}
                 reason = tool_finish_reason(reason)
             check = tool_check(req._tools, calls)
+            note = tool_note(st, sub.params.max_new_tokens, dropped, note)
         choices.append({
             "index": sub.index, "message": message,
             "logprobs": chat_logprobs(tm, st.output_logprobs, st.output_top_logprobs) if req.logprobs else None,
-            "finish_reason": reason, **finish_note(st),
+            "finish_reason": reason, **note,
             **(check if check is not None else document_check(sub.params, st.text, st.finished)),
         })
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
@@ -327,6 +332,28 @@ def chat_response(req: ChatCompletionRequest, tm, subs, states, rid, created, mo
 def tool_finish_reason(reason: str | None) -> str | None:
     """A reply that made calls and ended by itself ends with "tool_calls", as OpenAI's."""
     return "tool_calls" if reason == "stop" else reason
+
+
+def tool_note(st: ReqState, max_tokens: int, dropped: list[tuple[str, int]], note: dict) -> dict:
+    """`finish_message` for what changed a tool reply: calls left out as repeats of earlier ones
+    (parse.distinct), and what the tag guard did to end it within max_tokens (its finish reason's
+    "guard" list, constrained/tag_guard.py), after any other message (a deadline's)."""
+    if not st.finished:
+        return note
+    guard = (st.finish_reason or {}).get("guard") or ()
+    parts = [note["finish_message"]] if note.get("finish_message") else []
+    for name, k in dropped:
+        parts.append(f"tool_calls: a repeat of tool_calls[{k}] ({name}, the same arguments) was left out"
+                     + ("; the reply was ended there" if "repeat" in guard else ""))
+    if "repeat" in guard and not dropped:
+        parts.append("tool_calls: the reply was ended where it repeated an earlier call")
+    if "closed" in guard:
+        parts.append(f"max_tokens: the call was steered to close within max_tokens ({max_tokens}); its arguments "
+                     "may be shorter than the model would have written")
+    if "no_more" in guard:
+        parts.append(f"max_tokens: the reply was ended after its last complete call, as what was left of max_tokens "
+                     f"({max_tokens}) would not hold another")
+    return {"finish_message": " ".join(p if p.endswith(".") else p + "." for p in parts)} if parts else {}
 
 
 def tool_check(ctx: ToolContext, calls) -> dict:
@@ -352,7 +379,10 @@ def _chat_choice(req: ChatCompletionRequest, tm: TokenizerManager, sub: SubReque
         lps = chat_logprobs(tm, st.output_logprobs[sent.logprobs:], st.output_top_logprobs[sent.logprobs:])
     if not (delta or reason or lps):
         return None
-    return {"index": sub.index, "delta": delta, "logprobs": lps, "finish_reason": reason, **finish_note(st),
+    note = finish_note(st)
+    if req._tools is not None and sent.tools is not None:
+        note = tool_note(st, sub.params.max_new_tokens, sent.tools.dropped, note)
+    return {"index": sub.index, "delta": delta, "logprobs": lps, "finish_reason": reason, **note,
             **_final_check(req, sub, st)}
 
 
@@ -376,7 +406,7 @@ def _final_check(req: ChatCompletionRequest, sub, st: ReqState) -> dict:
     if not st.finished:
         return {}
     if req._tools is not None:
-        return tool_check(req._tools, scan(st.text, req._tools.fmt, partial=False)[1])
+        return tool_check(req._tools, distinct(scan(st.text, req._tools.fmt, partial=False)[1])[0])
     return document_check(sub.params, st.text, st.finished)
 
 

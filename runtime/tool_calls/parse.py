@@ -1,7 +1,14 @@
 """Reading tool calls back out of generated text, whole (a finished response) or as it grows (a
 stream). One scanner serves both: text outside call envelopes is content; each call keeps the
 arguments exactly as the model wrote them (valid JSON, so a client's json.loads works and a
-streamed `arguments` concatenates to the same string)."""
+streamed `arguments` concatenates to the same string).
+
+A call that repeats an earlier one of the same reply exactly (the same name, and arguments equal
+as JSON: the same keys and values, whatever the spacing or key order) is a loop, not a parallel
+call: `distinct` leaves it out of `tool_calls` and reports it, so the response can say so; the
+tag guard (constrained/tag_guard.py) ends generation at the first repeat. A stream holds a call
+back while it may still become a repeat (it names a function already called) and sends it whole
+once complete, or never if it is one."""
 
 from __future__ import annotations
 
@@ -28,6 +35,34 @@ class ToolCall:
 
     def openai(self) -> dict:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def call_key(call: ToolCall) -> tuple[str | None, str] | None:
+    """What two calls share when one repeats the other: the name and the arguments as canonical
+    JSON (keys sorted, no spacing; 1 and 1.0 and true stay distinct). None for arguments that are
+    not JSON (an unfinished call)."""
+    try:
+        args = json.loads(call.arguments)
+    except ValueError:
+        return None
+    return call.name, json.dumps(args, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def distinct(calls: list[ToolCall]) -> tuple[list[ToolCall], list[tuple[str, int]]]:
+    """(the calls without exact repeats, and for each one left out its name and the index in the
+    kept list of the call it repeats)."""
+    kept: list[ToolCall] = []
+    seen: dict[tuple, int] = {}
+    dropped: list[tuple[str, int]] = []
+    for call in calls:
+        key = call_key(call) if call.complete else None
+        if key is not None and key in seen:
+            dropped.append((call.name, seen[key]))
+            continue
+        if key is not None:
+            seen[key] = len(kept)
+        kept.append(call)
+    return kept, dropped
 
 
 def scan(text: str, fmt: ToolFormat, partial: bool, hold_back: bool | None = None) -> tuple[str, list[ToolCall]]:
@@ -128,12 +163,15 @@ def _call_object(text: str, j: int, partial: bool) -> tuple[ToolCall | None, int
 class ToolCallStream:
     """Turns the growing text of one streamed choice into OpenAI deltas: content as it becomes
     certain, then per call a first delta with its id and name and later ones with the next piece
-    of its arguments."""
+    of its arguments. A call naming a function already called is held back until it is complete,
+    then sent whole, or left out if it repeats an earlier call (`dropped`, as parse.distinct)."""
 
     def __init__(self, fmt: ToolFormat):
         self.fmt = fmt
         self.content_sent = 0
         self.sent: list[ToolCall] = []  # the calls announced so far, arguments as sent
+        self.slots: list[int | None] = []  # per call scanned: its index in `sent`, or None (a repeat)
+        self.dropped: list[tuple[str, int]] = []  # the repeats left out (as distinct reports them)
 
     def feed(self, text: str, finished: bool) -> dict:
         """The delta for the text so far ({} when there is nothing new)."""
@@ -146,21 +184,42 @@ class ToolCallStream:
         for i, call in enumerate(calls):
             if call.name is None:
                 break
-            if i == len(self.sent):
+            if i == len(self.slots) and not self._place(call, calls[:i], finished):
+                break  # held back: it may still become a repeat
+            k = self.slots[i]
+            if k is None:
+                continue
+            if k == len(self.sent):
                 self.sent.append(ToolCall(call.name, "", False))
-                pieces.append({"index": i, "id": self.sent[i].id, "type": "function",
+                pieces.append({"index": k, "id": self.sent[k].id, "type": "function",
                                "function": {"name": call.name, "arguments": ""}})
-            have = self.sent[i].arguments
+            have = self.sent[k].arguments
             if len(call.arguments) > len(have) and call.arguments.startswith(have):
                 more = call.arguments[len(have):]
-                self.sent[i].arguments = call.arguments
-                if pieces and pieces[-1]["index"] == i:
+                self.sent[k].arguments = call.arguments
+                if pieces and pieces[-1]["index"] == k:
                     pieces[-1]["function"]["arguments"] += more
                 else:
-                    pieces.append({"index": i, "function": {"arguments": more}})
+                    pieces.append({"index": k, "function": {"arguments": more}})
         if pieces:
             delta["tool_calls"] = pieces
         return delta
+
+    def _place(self, call: ToolCall, before: list[ToolCall], finished: bool) -> bool:
+        """Decide a new call's slot: announced (the next index), a repeat (None), or not yet
+        (False: it names a function already called and is not complete)."""
+        earlier = [c for c, k in zip(before, self.slots) if k is not None]
+        if call.complete:
+            key = call_key(call)
+            for k, c in enumerate(earlier):
+                if key is not None and call_key(c) == key:
+                    self.slots.append(None)
+                    self.dropped.append((call.name, k))
+                    return True
+        elif not finished and any(c.name == call.name for c in earlier):
+            return False
+        self.slots.append(len(self.sent))
+        return True
 
     @property
     def called(self) -> bool:
