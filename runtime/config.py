@@ -36,6 +36,8 @@ class EngineArgs:
     # fp16, off for float32 (the reference precision runs eagerly, as transformers does).
     compile_decode: bool | None = None
     compile_in_background: bool = True  # decode eagerly while a bucket's graph compiles
+    # ... in a low-priority worker process (model/compile_worker.py says why), not on a thread here
+    compile_worker: bool = True
     # Compile the decode graphs for batch sizes up to this before serving, as SGLang captures its
     # CUDA graphs at start-up; larger batches compile on first use. 0: all on first use.
     warmup_decode_bs: int = 0

@@ -52,7 +52,8 @@ class ModelRunner:
             from arborlm.runtime.model.decode_graph import DecodeGraphs
 
             self.decode_graphs = DecodeGraphs(self.model, self.kv_pool, self.req_pool.table,
-                                              background=args.compile_in_background)
+                                              background=args.compile_in_background,
+                                              worker_args=args if args.compile_worker else None)
             # before serving: graphs an earlier process compiled (seconds), so the first request is fast
             self.decode_graphs.load_saved(args.max_running_requests)
             self.decode_graphs.warm_up(min(args.warmup_decode_bs, args.max_running_requests))

@@ -55,12 +55,14 @@ def test_compiled_decode_matches_eager_and_never_recompiles(tiny_model_dir):
     assert batch == eager_batch
 
 
-def test_background_compile_serves_eagerly_meanwhile(tiny_model_dir):
+def test_background_compile_serves_eagerly_meanwhile(tiny_model_dir, graphs_root):
+    """The default: a compile worker process compiles and saves the bucket, this one loads it."""
     sp = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
     with Engine(tiny_model_dir, dtype="float32", max_total_tokens=2048, compile_decode=True) as eng:
         first = eng.generate(input_ids=PROMPTS[0], sampling_params=sp)["output_ids"]
         eng.runner.decode_graphs.wait(timeout=300)
-        assert 1 in eng.runner.decode_graphs.ready
+        assert 1 in eng.runner.decode_graphs.ready and eng.runner.decode_graphs.loaded == {1}
+        assert list(graphs_root.glob("*/bs1.pt2"))
         again = eng.generate(input_ids=PROMPTS[0], sampling_params=sp)["output_ids"]
         assert_pool_clean(eng)
     assert first == again
@@ -99,7 +101,7 @@ def test_warm_up_compiles_before_serving_and_recovers_a_cut_short_kernel(tiny_mo
     that fails on a cut-short kernel (Inductor reuses any file at the kernel's path) deletes that
     file and compiles once more, instead of leaving the bucket eager in every later process."""
     with Engine(tiny_model_dir, dtype="float32", max_total_tokens=2048, compile_decode=True,
-                warmup_decode_bs=2) as eng:
+                warmup_decode_bs=2, compile_worker=False) as eng:  # later compiles on a thread, here
         graphs = eng.runner.decode_graphs
         assert graphs.ready == {1, 2} and not graphs.compiling and not graphs.failed
         assert graphs.state() == {"ready": [1, 2], "loaded": [], "compiling": [], "failed": []}

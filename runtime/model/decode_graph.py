@@ -25,8 +25,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import re
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -112,15 +115,22 @@ def graphs_key(model, kv_pool, req_to_token: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+_CLOSED = object()  # worker_args after close(): no new worker starts
+_worker_lock = threading.Lock()  # one compile worker at a time: each holds a copy of the model
+
+
 class DecodeGraphs:
-    def __init__(self, model, kv_pool, req_to_token: torch.Tensor, background: bool = True):
+    def __init__(self, model, kv_pool, req_to_token: torch.Tensor, background: bool = True, worker_args=None):
+        """`worker_args` (the EngineArgs that built this model): background compiles run in a
+        compile worker process (compile_worker.py); None: on a thread of this process."""
         from arborlm.runtime.model.layers.paged_attention import load_extension
 
         load_extension()  # the ops' CPU kernels must be registered before a graph is traced
         _configure_inductor()
         self.model, self.kv_pool, self.req_to_token = model, kv_pool, req_to_token
         self.dir = graphs_root() / graphs_key(model, kv_pool, req_to_token)
-        self.background = background
+        self.background, self.worker_args = background, worker_args
+        self.worker: subprocess.Popen | None = None
         self.graphs: dict[int, object] = {}  # bucket -> its compiled step
         self.ready: set[int] = set()
         self.loaded: set[int] = set()  # of those, the ones a saved graph served
@@ -134,22 +144,27 @@ class DecodeGraphs:
         """Load the graphs earlier processes compiled, for batches up to max_bs. Returns the buckets."""
         top = bucket_for(max_bs) or BUCKETS[-1]
         for b in BUCKETS:
-            path = self._path(b)
-            if b > top or b in self.ready or not path.is_file():
-                continue
-            try:
-                with open(path, "rb") as f:
-                    fn = torch.compiler.load_compiled_function(f)
-                fn.disable_guard_check()
-            except Exception as e:  # noqa: BLE001  a stale or damaged file: compile it again when needed
-                logger.warning("saved decode graph %s could not be loaded (%s: %s); removed", path, type(e).__name__, e)
-                remove_broken_object(e)
-                path.unlink(missing_ok=True)
-                continue
-            self.graphs[b] = fn
-            self.ready.add(b)
-            self.loaded.add(b)
+            if b <= top and b not in self.ready and self.saved(b) and self._load(b):
+                self.ready.add(b)
         return sorted(self.loaded)
+
+    def saved(self, b: int) -> bool:
+        return self._path(b).is_file()
+
+    def _load(self, b: int) -> bool:
+        path = self._path(b)
+        try:
+            with open(path, "rb") as f:
+                fn = torch.compiler.load_compiled_function(f)
+            fn.disable_guard_check()
+        except Exception as e:  # noqa: BLE001  a stale or damaged file: compile it again when needed
+            logger.warning("saved decode graph %s could not be loaded (%s: %s); removed", path, type(e).__name__, e)
+            remove_broken_object(e)
+            path.unlink(missing_ok=True)
+            return False
+        self.graphs[b] = fn
+        self.loaded.add(b)
+        return True
 
     def _path(self, b: int) -> Path:
         return self.dir / f"bs{b}.pt2"
@@ -169,7 +184,8 @@ class DecodeGraphs:
             # Not a daemon: a process exiting mid-compile joins this thread (Inductor, refusing new work
             # at shutdown, gives up cleanly) instead of killing it inside native code, which aborted
             # the process ("terminate called without an active exception").
-            threading.Thread(target=self._warm, args=(b,), name=f"arborlm-compile-{b}", daemon=False).start()
+            target = self._warm if self.worker_args is None else self._warm_in_worker
+            threading.Thread(target=target, args=(b,), name=f"arborlm-compile-{b}", daemon=False).start()
             return False
         self._warm(b)
         return b in self.ready
@@ -218,6 +234,42 @@ class DecodeGraphs:
                 return
         finally:
             self.compiling.discard(b)
+
+    def _warm_in_worker(self, b: int) -> None:
+        """Have a compile worker compile and save bucket b, then load it (this thread waits, the
+        serving thread decodes eagerly meanwhile)."""
+        t0 = time.perf_counter()
+        try:
+            with _worker_lock:
+                if not self.saved(b):  # else another engine's worker saved it meanwhile
+                    if self.worker_args is _CLOSED:
+                        return
+                    from arborlm.runtime.model.compile_worker import idle_priority
+
+                    self.worker = subprocess.Popen([sys.executable, "-P", "-m", "arborlm.runtime.model.compile_worker"],
+                                                   stdin=subprocess.PIPE, preexec_fn=idle_priority)
+                    self.worker.communicate(pickle.dumps((self.worker_args, b, str(self.dir.parent))))
+                    code, self.worker = self.worker.returncode, None
+                    if code != 0:
+                        self.failed[b] = f"the compile worker exited with code {code}"
+                        if code > 0:  # < 0: killed (this engine closing), not news
+                            logger.warning("decode graph for batch %d: %s; staying eager", b, self.failed[b])
+                        return
+            if self._load(b):
+                self.compile_seconds[b] = time.perf_counter() - t0
+                self.ready.add(b)
+                logger.info("decode graph for batch %d ready in %.1fs (compile worker)", b, self.compile_seconds[b])
+            else:
+                self.failed[b] = "the compile worker's graph did not load"
+        finally:
+            self.compiling.discard(b)
+
+    def close(self) -> None:
+        """Stop a running compile worker (the engine is shutting down)."""
+        self.worker_args = _CLOSED
+        worker = self.worker
+        if worker is not None and worker.poll() is None:
+            worker.kill()
 
     def _compile(self, b: int) -> None:
         with torch.inference_mode():

@@ -251,6 +251,7 @@ HELP = {
                     "dtype and CPU",
     "compile_decode": "decode steps as torch.compile'd graphs; unset: on for bf16/fp16, off for float32",
     "compile_in_background": "decode eagerly while a batch size's graph compiles",
+    "compile_worker": "compile decode graphs in a low-priority worker process (this one only loads them)",
     "warmup_decode_bs": "compile the decode graphs for batch sizes up to this before serving (0: each on first use)",
     "grammar_backend": "constrained decoding: xgrammar or outlines",
     "enable_jump_forward": "append a grammar's forced text without a decode step per token",
