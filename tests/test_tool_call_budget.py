@@ -23,12 +23,9 @@ from arborlm.runtime.tool_calls import FORMATS, ToolCallStream, ToolContext, dis
 from arborlm.runtime.tool_calls.parse import ToolCall
 from arborlm.runtime.tool_calls.request import prompt_messages, template_takes_tools
 
+from test_tool_calls import WEATHER  # the get_weather(city maxLength 40, unit enum)
+
 HERMES = FORMATS["hermes"]
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
-                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-                   "required": ["city"], "additionalProperties": False}}}
 BOOK = {"type": "function", "function": {
     "name": "find_book", "description": "Find a book by its title and year",
     "parameters": {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
