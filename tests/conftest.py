@@ -8,11 +8,10 @@ import sys
 
 # The repository root must not be importable as a path: its kernels/ folder (arborlm.kernels, mapped
 # by the package's install) would shadow Hugging Face's `kernels` package, which transformers imports.
-# `make test` runs `python -P -m pytest`; this covers a plain `python -m pytest` from the root, and
-# PYTHONSAFEPATH does the same for every Python subprocess a test starts.
+# `make test` runs `python -P -m pytest`; this covers a plain `python -m pytest` from the root (the
+# servers tests start run with -P too; scripts need their own folder on the path, so no PYTHONSAFEPATH).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
-os.environ["PYTHONSAFEPATH"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -28,7 +28,7 @@ def test_engine_starts_over_a_stale_lock_and_a_half_written_build(tmp_path, tiny
             "out = e.generate('Hello', {'max_new_tokens': 4, 'temperature': 0}); "
             "print(out['meta_info']['completion_tokens']); e.shutdown()")
     env = dict(os.environ, XDG_CACHE_HOME=str(cache))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "4"
     assert not (d / "lock").exists() and not abandoned.exists()
